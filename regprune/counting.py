@@ -1,0 +1,48 @@
+"""The project's one MACs and parameter counter: Conv2d and Linear multiply-accumulates only."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+__all__ = ["count_macs", "count_params", "layer_macs"]
+
+
+def layer_macs(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, int]:
+    """Per-sample MACs of every Conv2d/Linear, by module name (weight.numel() * output positions)."""
+    out: dict[str, int] = {}
+    hooks = []
+
+    def make_hook(name: str):
+        def hook(mod: nn.Module, inp, output: torch.Tensor) -> None:
+            if isinstance(mod, nn.Conv2d):
+                positions = output.shape[-1] * output.shape[-2]
+            else:
+                positions = output.numel() // output.shape[0] // mod.out_features
+            out[name] = out.get(name, 0) + int(mod.weight.numel() * positions)
+        return hook
+
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            hooks.append(m.register_forward_hook(make_hook(name)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            x = example_inputs[:1] if isinstance(example_inputs, torch.Tensor) else example_inputs
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return out
+
+
+def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
+    """Total per-sample MACs of conv and linear layers (the papers' convention)."""
+    return sum(layer_macs(model, example_inputs).values())
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (buffers excluded)."""
+    return sum(p.numel() for p in model.parameters())

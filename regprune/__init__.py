@@ -2,6 +2,8 @@
 
 from .errors import UserError
 from .models import create_model, list_models
+from .surgery import load_model as load
+from .surgery import save_model as save
 
 __version__ = "0.1.0"
-__all__ = ["UserError", "create_model", "list_models", "__version__"]
+__all__ = ["UserError", "create_model", "list_models", "load", "save", "__version__"]

@@ -156,21 +156,26 @@ class GroupGraph:
                              macs=sum(self.layer_macs.get(n, 0) for n in touched))
             g._total = self.total_macs
             g.coupled = len(writers) > 1
+            partial = False
             for m in members:
                 mod = self.module(m.name)
                 if isinstance(mod, nn.Conv2d) and mod.groups > 1 and not _is_depthwise(mod):
                     g.ch_groups = max(g.ch_groups, mod.groups)
+                    width = mod.out_channels if m.side == "out" else mod.in_channels
+                    partial |= width != g.channels
             readers = {m.name for m in members if m.side == "in"}
             if any(w in self.outputs for w in writers):
                 g.reason = "network output (classifier)"
-            elif family == "resnet" and not root.startswith("layer"):
-                g.reason = "stem: outside the papers' ResNet scope"
-            elif family is None and readers & self.outputs:
-                g.reason = "classifier input: outside the default scope of unknown models"
+            elif partial:
+                g.reason = "covers only part of a grouped conv's channels (cannot keep its groups even)"
             elif g.channels < 2:
                 g.reason = "single channel"
             elif g.coupled and not include_coupled:
                 g.reason = f"residual-coupled ({len(writers)} writers); pass include_coupled to prune it"
+            elif family == "resnet" and not root.startswith("layer") and not include_coupled:
+                g.reason = "stem: outside the papers' ResNet scope"
+            elif family is None and readers & self.outputs and not include_coupled:
+                g.reason = "classifier input: outside the default scope of unknown models"
             else:
                 g.in_scope = True
             self.groups[root] = g

@@ -189,8 +189,24 @@ def solve_target(graph: GroupGraph, keep_fraction: float, base: dict[str, float]
             lo = mid
         else:
             hi = mid
-    t = lo if abs(frac(lo) - keep_fraction) <= abs(frac(hi) - keep_fraction) else hi
-    return ratios_at(t), frac(t)
+    # refine one channel at a time from the coarse side, keeping ratios as even as possible
+    ratios = ratios_at(lo)
+    removal = plan_removal(graph, ratios, round_to)
+    best = (abs(frac(hi) - keep_fraction), ratios_at(hi))
+    step = round_to if round_to and round_to > 1 else 1
+    for _ in range(10_000):
+        cur = estimate_macs(graph, removal) / graph.total_macs
+        if abs(cur - keep_fraction) < best[0]:
+            best = (abs(cur - keep_fraction), {r: removal[r] / graph.groups[r].channels for r in roots})
+        if cur <= keep_fraction:
+            break
+        cands = [r for r in roots if removal[r] + step <= graph.groups[r].channels - max(step, graph.groups[r].ch_groups)]
+        if not cands:
+            break
+        r = min(cands, key=lambda q: (removal[q] / graph.groups[q].channels / (weights[q] / top), q))
+        removal[r] += max(step, graph.groups[r].ch_groups)
+    ratios = best[1]
+    return ratios, estimate_macs(graph, plan_removal(graph, ratios, round_to)) / graph.total_macs
 
 
 @dataclass

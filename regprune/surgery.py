@@ -24,6 +24,7 @@ FORMAT = "regprune.model/1"
 
 def apply_picks(graph: GroupGraph, picks: Picks) -> nn.Module:
     """Remove `picks[root]` output channels of each group root, and every coupled channel, in place."""
+    touched: set[str] = set(getattr(graph.model, "regprune_pruned", []))
     for root, idxs in picks.items():
         if root not in graph.groups:
             raise UserError(f"picked layer {root!r} is not a channel-group root of this model")
@@ -32,7 +33,11 @@ def apply_picks(graph: GroupGraph, picks: Picks) -> nn.Module:
             raise UserError(f"cannot remove all {n} channels of {root}")
         if idxs:
             check_periodic(graph, root, list(idxs))
-            graph.tp_group(root, sorted(set(int(i) for i in idxs))).prune()
+            group = graph.tp_group(root, sorted(set(int(i) for i in idxs)))
+            touched.update(graph.names[item.dep.target.module] for item in group
+                           if item.dep.target.module in graph.names)
+            group.prune()
+    graph.model.regprune_pruned = sorted(touched)
     return graph.model
 
 
@@ -96,7 +101,8 @@ def describe(model: nn.Module) -> dict[str, Any]:
     arch = getattr(model, "regprune_arch", None)
     convs = {n: m.groups for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups != 1}
     pads = {n: m.in_planes for n, m in model.named_modules() if isinstance(m, PadShortcut)}
-    return {"format": FORMAT, "arch": arch, "conv_groups": convs, "pad_in_planes": pads}
+    return {"format": FORMAT, "arch": arch, "conv_groups": convs, "pad_in_planes": pads,
+            "pruned": list(getattr(model, "regprune_pruned", []))}
 
 
 def save_model(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
@@ -155,7 +161,10 @@ def _resize_to(model: nn.Module, state: dict[str, torch.Tensor], desc: dict[str,
     """Rebuild layers whose widths differ from the file so the state dict fits exactly."""
     groups = desc.get("conv_groups", {})
     pads = desc.get("pad_in_planes", {})
+    resizable = set(desc.get("pruned", []))
     for name, mod in list(model.named_modules()):
+        if name not in resizable:
+            continue  # only layers that pruning touched may differ from the architecture
         prefix = f"{name}." if name else ""
         if isinstance(mod, nn.Conv2d) and prefix + "weight" in state:
             w = state[prefix + "weight"]
@@ -210,6 +219,7 @@ def load_model(path: str | os.PathLike, model: nn.Module | None = None) -> tuple
     model.load_state_dict(state, strict=True)
     if desc.get("arch"):
         model.regprune_arch = desc["arch"]
+    model.regprune_pruned = list(desc.get("pruned", []))
     return model, meta
 
 

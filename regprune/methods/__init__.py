@@ -1,5 +1,8 @@
 """Pruning methods: each a small object with hooks the training engine calls."""
 
-from .base import PruneTarget
+from .base import Picks, PruneTarget
+from .greg import GREG_METHODS, GReg, GRegConfig, MaskKeeper
+from .l1 import PICK_MODES, L1Pruner, filter_scores, pick_filters, select_indices
 
-__all__ = ["PruneTarget"]
+__all__ = ["PruneTarget", "Picks", "GReg", "GRegConfig", "MaskKeeper", "GREG_METHODS", "L1Pruner", "filter_scores",
+           "pick_filters", "select_indices", "PICK_MODES"]

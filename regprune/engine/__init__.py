@@ -1,0 +1,21 @@
+"""The training engine shared by every phase: Trainer, schedules, checkpoints and distributed helpers."""
+
+from .checkpoint import (atomic_save, atomic_write, atomic_write_bytes, atomic_write_text, capture_rng_state,
+                         check_checkpoint_safe, restore_rng_state, safe_load)
+from .dist import (all_gather_object, all_reduce_mean, all_reduce_sum, barrier, broadcast_object, cleanup,
+                   get_local_rank, get_rank, get_world_size, init_distributed, is_distributed, is_main)
+from .log import METRICS_FILE, MetricsLogger, read_metrics
+from .schedule import LRSchedule, parse_lr_schedule
+from .trainer import (CHECKPOINT_FORMAT, HOOK_METHODS, TrainConfig, Trainer, TrainingDiverged, TrainingInterrupted,
+                      build_param_groups, evaluate, resolve_device, seed_everything)
+
+__all__ = [
+    "Trainer", "TrainConfig", "TrainingInterrupted", "TrainingDiverged", "evaluate", "build_param_groups",
+    "seed_everything", "resolve_device", "HOOK_METHODS", "CHECKPOINT_FORMAT",
+    "LRSchedule", "parse_lr_schedule",
+    "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_save", "safe_load", "check_checkpoint_safe",
+    "capture_rng_state", "restore_rng_state",
+    "init_distributed", "is_distributed", "get_rank", "get_world_size", "get_local_rank", "is_main", "barrier",
+    "broadcast_object", "all_gather_object", "all_reduce_sum", "all_reduce_mean", "cleanup",
+    "MetricsLogger", "read_metrics", "METRICS_FILE",
+]

@@ -1,0 +1,297 @@
+"""Pruning from scratch: gates, the shared pruning module, nuclear/MACs losses, exact reconfiguration."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from regprune import UserError, create_model
+from regprune.counting import count_macs
+from regprune.methods.spm import GATES_ATTR, ChannelGate, GateSet, SPMRegularizer, insert_gates, reconfigure
+from regprune.models.cifar import PadShortcut
+
+
+def _randomise_bn(model: nn.Module, seed: int = 0) -> None:
+    # non-trivial statistics and shifts: an ungated BN would turn a zeroed channel into its shift
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+
+
+def _random_gates(gates: GateSet, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in gates.parameters():
+            p.copy_(0.5 + 0.1 * torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture(scope="module")
+def r20_input():
+    torch.manual_seed(0)
+    return torch.randn(4, 1, 16, 16)
+
+
+def _r20(x):
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, in_channels=1)
+    _randomise_bn(model)
+    return model, insert_gates(model, x[:1])
+
+
+def test_ste_passes_gradient_unchanged():
+    gate = ChannelGate(5)
+    with torch.no_grad():
+        gate.weight.copy_(torch.tensor([0.2, 0.49, 0.51, 0.6, 3.0]))
+    m = gate.mask()
+    assert m.tolist() == [0.0, 0.0, 1.0, 1.0, 1.0]  # exactly binary, even for w far from 1
+    up = torch.randn(5)
+    (m * up).sum().backward()
+    assert torch.equal(gate.weight.grad, up)
+    x = torch.randn(2, 5, 3, 3)
+    assert torch.equal(gate(x), x * m.detach().view(1, 5, 1, 1))
+
+
+def test_gate_never_empty_and_periodic():
+    gate = ChannelGate(6, init=0.1)
+    with torch.no_grad():
+        gate.weight[4] = 0.3
+    assert gate.hard().tolist() == [False] * 4 + [True, False]  # the largest weight stays on
+    grouped = ChannelGate(6, repeat=3)
+    assert grouped.weight.shape == (2,)
+    with torch.no_grad():
+        grouped.weight[1] = 0.0
+    assert grouped.channel_hard().tolist() == [True, False] * 3
+
+
+def test_gates_start_on_and_are_registered(r20_input):
+    x = r20_input
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, in_channels=1)
+    _randomise_bn(model)
+    dense = copy.deepcopy(model)
+    model.train()
+    gates = insert_gates(model, x[:1])
+    assert model.training  # tracing must not leave the search in eval mode
+    model.eval()
+    dense.eval()
+    assert torch.equal(model(x), dense(x))
+    own = {id(p) for p in model.parameters()}
+    assert all(id(p) in own for p in gates.parameters())  # optimizers over model.parameters() see them
+    assert len(list(gates.parameters())) == len(gates)
+    assert "fc" not in gates.roots  # the classifier output is never gated
+    gates.remove()
+    assert not hasattr(model, GATES_ATTR)
+    assert torch.equal(model(x), dense(x))
+    with pytest.raises(UserError):
+        insert_gates(model, x[:1], groups=["fc"])
+
+
+def test_shared_gate_per_residual_stream(r20_input):
+    model, gates = _r20(r20_input)
+    stream = gates.groups["layer2.0.conv2"]
+    assert stream.coupled
+    sites = gates.sites["layer2.0.conv2"]
+    # every writer of the stage-2 stream (each block's bn2 and the option-A shortcut) is gated ...
+    assert sorted(sites) == ["layer2.0.bn2", "layer2.0.shortcut", "layer2.1.bn2", "layer2.2.bn2"]
+    assert isinstance(model.get_submodule("layer2.0.shortcut"), PadShortcut)
+    # ... by one and the same gate object
+    gate = gates.gate("layer2.0.conv2")
+    for name in sites:
+        hooks = list(model.get_submodule(name)._forward_hooks.values())
+        assert len(hooks) == 1
+        cells = [c.cell_contents for c in hooks[0].__closure__ or ()]
+        assert any(c is gate for c in cells)
+    assert sum(1 for r in gates.roots if gates.groups[r].coupled) == 3  # one gate per stream, three stages
+    stem = gates.groups["conv1"]
+    assert "conv1" in stem.writers and "layer1.0.conv2" in stem.writers
+
+
+@pytest.mark.parametrize("name,channels,size", [
+    ("resnet20", 1, 32),
+    ("vgg11", 3, 32),
+    ("torchvision.resnet50", 3, 64),
+    ("torchvision.mobilenet_v2", 3, 64),
+])
+def test_reconfiguration_is_exact(name, channels, size):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, in_channels=channels)
+    _randomise_bn(model)
+    x = torch.randn(2, channels, size, size)
+    gates = insert_gates(model, x[:1])
+    _random_gates(gates)
+    removal = gates.removal()
+    assert sum(removal.values()) > 0 and all(w > 0 for w in gates.kept_widths().values())
+    predicted = gates.current_macs()
+    reg = SPMRegularizer(gates, 0.5)
+    assert abs(float(reg.soft_macs()) - predicted) <= 1e-6 * predicted + 4
+    model.eval()
+    with torch.no_grad():
+        gated = model(x)
+    small = reconfigure(model, gates, x[:1])
+    assert small is model and not hasattr(small, GATES_ATTR)
+    assert all(not m._forward_hooks for m in small.modules())
+    with torch.no_grad():
+        assert float((small(x) - gated).abs().max()) <= 1e-5
+    assert count_macs(small, x[:1]) == predicted < reg.dense_macs
+
+
+def test_nuclear_loss(r20_input):
+    model, gates = _r20(r20_input)
+    reg = SPMRegularizer(gates, 0.5, alpha_mac=0.0)
+    assert float(reg.nuclear_loss()) == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        gates.gate("layer1.0.conv1").weight[:4] = 0.3
+        gates.gate("layer3.0.conv2").weight[::2] = 0.3
+    loss = reg.extra_loss()
+    assert float(loss) > 1e-5
+    loss.backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith(GATES_ATTR))
+    g = gates.gate("layer1.0.conv1").weight.grad
+    assert g is not None and float(g.abs().sum()) > 0
+    assert float(g.sum()) < 0  # restoring rows raises the nuclear norm back: the term protects gates
+    assert ("layer3.1.conv2", "layer3.0.conv2") in reg.nuc_layers  # every writer of a stream is a term
+
+
+def test_nuc_every(r20_input):
+    _, gates = _r20(r20_input)
+    reg = SPMRegularizer(gates, 0.5, alpha_mac=0.0, nuc_every=3)
+    got = [reg.extra_loss() is not None for _ in range(6)]
+    assert got == [True, False, False, True, False, False]
+
+
+def test_macs_loss_pushes_down_above_budget(r20_input):
+    _, gates = _r20(r20_input)
+    for norm in ("unit", "dense"):
+        reg = SPMRegularizer(gates, 0.5, alpha_nuc=0.0, mac_norm=norm, mac_unit=1e6)
+        for p in gates.parameters():
+            p.grad = None
+        loss = reg.extra_loss()
+        assert float(loss) > 0
+        loss.backward()
+        for root in gates.roots:
+            assert bool((gates.gate(root).weight.grad > 0).all())  # descent lowers every gate
+    reg = SPMRegularizer(gates, 0.5, alpha_nuc=0.0, mac_norm="dense")
+    assert float(reg.soft_macs()) == reg.dense_macs == reg.current_macs()
+    # the paper's GMAC units: for a 40 MMAC network the term is tiny
+    paper = SPMRegularizer(gates, 0.5, alpha_nuc=0.0)
+    assert float(paper.macs_loss()) < 1e-3
+
+
+def test_macs_input_counts_are_constant_by_default(r20_input):
+    _, gates = _r20(r20_input)
+    # layer1.0.conv1's private gate sets conv1's output count and conv2's input count
+    private = gates.gate("layer1.0.conv1").weight
+
+    def grad_of(flag: bool) -> torch.Tensor:
+        private.grad = None
+        reg = SPMRegularizer(gates, 0.5, alpha_nuc=0.0, alpha_mac=1.0, mac_norm="dense", mac_grad_inputs=flag)
+        reg.extra_loss().backward()
+        return private.grad.clone()
+
+    reg = SPMRegularizer(gates, 0.5)
+    share = {lay.name: lay for lay in reg._layers}
+    d_out = share["layer1.0.conv1"].macs / reg.dense_macs / 16  # d(MACs fraction)/d(one output channel)
+    d_in = share["layer1.0.conv2"].macs / reg.dense_macs / 16  # ... /d(one input channel) of conv2
+    expect = 2 * 1.0 * (1.0 - 0.5)  # d/d frac of alpha * (frac - target)^2 at all gates on
+    assert torch.allclose(grad_of(False), torch.full((16,), expect * d_out), rtol=1e-5)
+    assert torch.allclose(grad_of(True), torch.full((16,), expect * (d_out + d_in)), rtol=1e-5)
+
+
+def test_freeze_stops_gate_updates(r20_input):
+    model, gates = _r20(r20_input)
+    reg = SPMRegularizer(gates, 0.3, alpha_mac=10.0, mac_norm="dense")
+    nwd = {id(p) for p in reg.no_weight_decay_params()}
+    rest = [p for p in model.parameters() if id(p) not in nwd]
+    opt = torch.optim.SGD([{"params": rest, "weight_decay": 5e-4},
+                           {"params": reg.no_weight_decay_params(), "weight_decay": 0.0}], lr=0.1, momentum=0.9)
+    x, y = r20_input, torch.tensor([0, 1, 2, 3])
+
+    def step():
+        loss = F.cross_entropy(model(x), y)
+        extra = reg.extra_loss(None, model, None)
+        opt.zero_grad(set_to_none=False)
+        (loss if extra is None else loss + extra).backward()
+        opt.step()
+        reg.on_step_end(None)
+
+    before = [p.detach().clone() for p in gates.parameters()]
+    step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, gates.parameters()))
+    reg.freeze()
+    assert reg.extra_loss() is None
+    frozen = [p.detach().clone() for p in gates.parameters()]
+    w0 = rest[0].detach().clone()
+    step()
+    step()
+    assert all(torch.equal(a, b) for a, b in zip(frozen, gates.parameters()))  # momentum does not move them
+    assert not torch.equal(w0, rest[0])  # the masked network trains on
+    assert reg.state_dict()["frozen"] is True
+
+
+def test_freeze_after_steps(r20_input):
+    _, gates = _r20(r20_input)
+    reg = SPMRegularizer(gates, 0.5, freeze_after=2)
+    reg.on_step_end()
+    assert not reg.frozen
+    reg.on_step_end()
+    assert reg.frozen and reg.metrics()["frozen"] == 1.0
+
+
+def test_state_dict_round_trip(r20_input):
+    _, gates = _r20(r20_input)
+    _random_gates(gates, seed=3)
+    reg = SPMRegularizer(gates, 0.5)
+    reg.extra_loss()
+    reg.on_step_end()
+    reg.freeze()
+    state = reg.state_dict()
+    _, gates2 = _r20(r20_input)
+    reg2 = SPMRegularizer(gates2, 0.5)
+    reg2.load_state_dict(state)
+    assert reg2.frozen and reg2.steps == 1 and reg2.calls == 1
+    assert all(not p.requires_grad for p in gates2.parameters())
+    assert reg2.kept_widths() == reg.kept_widths() and reg2.current_macs() == reg.current_macs()
+    for r in gates.roots:
+        assert torch.equal(gates.gate(r).weight, gates2.gate(r).weight)
+    bad = {**state, "gates": {}}
+    with pytest.raises(UserError):
+        reg2.load_state_dict(bad)
+
+
+def test_bad_options(r20_input):
+    _, gates = _r20(r20_input)
+    for kw in ({"mac_norm": "gmac"}, {"nuc_every": 0}, {"mac_unit": 0.0}):
+        with pytest.raises(UserError):
+            SPMRegularizer(gates, 0.5, **kw)
+    with pytest.raises(UserError):
+        SPMRegularizer(gates, 1.5)
+
+
+def test_short_search_reaches_the_budget():
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, in_channels=1)
+    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    reg = SPMRegularizer.attach(model, x[:1], 0.5, alpha_mac=5.0, mac_norm="dense", nuc_every=4)
+    nwd = {id(p) for p in reg.no_weight_decay_params()}
+    opt = torch.optim.SGD([{"params": [p for p in model.parameters() if id(p) not in nwd], "weight_decay": 5e-4},
+                           {"params": reg.no_weight_decay_params(), "weight_decay": 0.0}], lr=0.05, momentum=0.9)
+    fractions = []
+    for step in range(150):
+        idx = torch.randint(0, 64, (16,))
+        loss = F.cross_entropy(model(x[idx]), y[idx]) + reg.extra_loss(None, model, None)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        reg.on_step_end(None)
+        fractions.append(reg.current_macs() / reg.dense_macs)
+    assert fractions[0] > 0.9
+    assert abs(sum(fractions[-20:]) / 20 - 0.5) < 0.05
+    reg.freeze()
+    small = reconfigure(model, reg, x[:1])
+    assert count_macs(small, x[:1]) / reg.dense_macs == pytest.approx(fractions[-1], abs=1e-6)

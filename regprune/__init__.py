@@ -2,8 +2,10 @@
 
 from .errors import UserError
 from .models import create_model, list_models
+from .api import PruneResult, Regularizer, prune, regularizer
 from .surgery import load_model as load
 from .surgery import save_model as save
 
 __version__ = "0.1.0"
-__all__ = ["UserError", "create_model", "list_models", "load", "save", "__version__"]
+__all__ = ["UserError", "create_model", "list_models", "load", "save", "prune", "regularizer", "Regularizer",
+           "PruneResult", "__version__"]

@@ -32,9 +32,9 @@ def _ratio_float(text: str) -> float:
     return v
 
 
-def _common(p: argparse.ArgumentParser, data_default: str | None = "mnist5k") -> None:
+def _common(p: argparse.ArgumentParser, data_default: str | None = None) -> None:
     p.add_argument("--model", help="model name (see `regprune models`)")
-    p.add_argument("--data", default=data_default, help="dataset: mnist5k, digits, fashion-mnist[:PATH], "
+    p.add_argument("--data", default=data_default, help="dataset (default mnist5k): mnist5k, digits, fashion-mnist[:PATH], "
                    "cifar10:PATH, cifar100:PATH, imagefolder:PATH")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--workers", type=int, help="data loader worker processes")

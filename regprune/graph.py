@@ -115,11 +115,14 @@ class GroupGraph:
         self.model = model
         self.example_inputs = example_inputs
         self.names = {m: n for n, m in model.named_modules()}
+        was_training = model.training
         try:
             self.dg = tp.DependencyGraph().build_dependency(
                 model, example_inputs=example_inputs, customized_pruners=CUSTOM_PRUNERS)
         except Exception as exc:  # tracing failures are the model's, not a bug of ours: say which
             raise UserError(f"cannot trace the model's channel dependencies: {type(exc).__name__}: {exc}") from exc
+        finally:
+            model.train(was_training)  # the tracer switches to eval mode
         self.layer_macs = layer_macs(model, example_inputs)
         self.total_macs = sum(self.layer_macs.values())
         self.outputs = _output_layers(model, example_inputs)

@@ -255,7 +255,8 @@ def train_job(o: JobOptions, run: RunDir) -> dict[str, Any]:
         metrics = _eval(model, test_loader, o.device)
         if E.is_main():
             save_model(model.cpu(), run.file("model.safetensors"),
-                       {"dataset": bundle.name, "top1": metrics["top1"], "epochs": o.epochs, "seed": o.seed})
+                       {"dataset": bundle.name, "top1": metrics["top1"], "epochs": o.epochs, "seed": o.seed,
+                        "input_size": bundle.image_size})
         run.mark("train", base=metrics)
     x = example_input(bundle)
     row = summary_row(o.model, model.cpu(), x, run.state["results"].get("base"))
@@ -395,7 +396,7 @@ def prune_job(o: JobOptions, run: RunDir) -> dict[str, Any]:
         if E.is_main():
             save_model(pruned, run.file("model.safetensors"),
                        {"method": o.method, "dataset": bundle.name, "top1": final["top1"], "ratios": plan.ratios,
-                        "speedup": plan.speedup, "seed": o.seed})
+                        "speedup": plan.speedup, "seed": o.seed, "input_size": bundle.image_size})
         run.mark("finetune", final=final, best_top1=best)
     else:
         pruned, _ = load_model(run.file("model.safetensors"), model=pruned if o.unstructured else None)

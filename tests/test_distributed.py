@@ -85,7 +85,8 @@ SCRIPT = textwrap.dedent(r'''
 ''')
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo needed")
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                    reason="torch.distributed with gloo needed")
 def test_two_rank_ddp_training_agrees_and_only_rank0_writes(tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(SCRIPT)

@@ -318,12 +318,16 @@ RESUME_CFG = dict(epochs=3, lr=0.05, momentum=0.9, weight_decay=5e-4, lr_schedul
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
     """An uninterrupted run: final weights, hook count and metrics."""
+    old = torch.get_num_threads()
     torch.set_num_threads(1)
-    run_dir = tmp_path_factory.mktemp("ref")
-    train, test = loaders()
-    model = make_model()
-    counter = Counter()
-    Trainer(model, train, test, cfg(**RESUME_CFG), run_dir=run_dir, hooks=[counter]).fit()
+    try:
+        run_dir = tmp_path_factory.mktemp("ref")
+        train, test = loaders()
+        model = make_model()
+        counter = Counter()
+        Trainer(model, train, test, cfg(**RESUME_CFG), run_dir=run_dir, hooks=[counter]).fit()
+    finally:
+        torch.set_num_threads(old)
     return params_of(model), counter.n, strip_timing(read_metrics(run_dir / "metrics.jsonl"))
 
 
@@ -399,11 +403,27 @@ def test_interrupt_inside_a_step_saves_the_state_before_it(tmp_path):
     assert "resume_from" in str(info.value)
 
 
+def test_loader_failure_after_ctrl_c_counts_as_the_interrupt(tmp_path):
+    # Ctrl-C also kills DataLoader workers; the resulting loader error must not lose the checkpoint
+    class CtrlCThenDeadWorkers:
+        def on_step_end(self, trainer):
+            if trainer.step == 3:
+                signal.raise_signal(signal.SIGINT)
+                raise RuntimeError("DataLoader worker (pid 1234) exited unexpectedly")
+
+    train, _ = loaders()
+    with pytest.raises(TrainingInterrupted) as info:
+        Trainer(make_model(), train, None, cfg(epochs=1), run_dir=tmp_path, hooks=[CtrlCThenDeadWorkers()]).fit()
+    assert info.value.step == 3 and safe_load(info.value.checkpoint)["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
 def test_hook_state_mismatch_on_resume_is_a_user_error(tmp_path):
     train, _ = loaders()
     t = Trainer(make_model(), train, None, cfg(max_steps=2), run_dir=tmp_path, hooks=[Counter()])
     t.fit()
-    t2 = Trainer(make_model(), train, None, cfg(max_steps=4), run_dir=tmp_path, hooks=[Recorder(make_model()), Counter()])
+    t2 = Trainer(make_model(), train, None, cfg(max_steps=4), run_dir=tmp_path,
+                 hooks=[Recorder(make_model()), Counter()])
     with pytest.raises(UserError, match="hook"):
         t2.fit(resume_from=t.checkpoint_path)
     with pytest.raises(UserError, match="phase"):
@@ -565,7 +585,7 @@ def test_unsafe_hook_state_is_rejected_at_save_time(tmp_path):
     assert not (tmp_path / "checkpoints" / "train.pt").exists()
 
 
-def test_deepcopy_free_model_reuse_across_phases(tmp_path):
+def test_two_phases_share_a_run_dir(tmp_path):
     # two phases in one run_dir keep separate checkpoints and share one metrics file
     train, test = loaders()
     model = make_model()

@@ -73,11 +73,15 @@ def safe_load(path: str | os.PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"refusing to load {path}: it contains objects other than tensors and plain data "
-                        f"({first[:200]})") from None
+                        f"({_first_line(e)})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UserError(f"cannot read checkpoint {path}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}") from None
+        raise UserError(f"cannot read checkpoint {path}: {_first_line(e)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 _SAFE_LEAVES = (type(None), bool, int, float, str, torch.Tensor, torch.Size, torch.dtype)

@@ -135,10 +135,12 @@ class Progress:
                              unit="step", file=sys.stderr)
 
     def update(self, n: int = 1) -> None:
+        """Advance the bar by n steps."""
         if self._bar is not None:
             self._bar.update(n)
 
     def set(self, desc: str | None = None, **fields: Any) -> None:
+        """Change the description and/or the postfix fields (drawn at the next refresh)."""
         if self._bar is None:
             return
         if desc is not None:
@@ -146,6 +148,7 @@ class Progress:
         self._bar.set_postfix({k: v for k, v in fields.items() if v is not None}, refresh=False)
 
     def line(self, text: str) -> None:
+        """Print one line to stderr without breaking the bar."""
         if not self.enabled:
             return
         if self._bar is not None:
@@ -154,6 +157,7 @@ class Progress:
             print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        """Finish the bar."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None

@@ -123,7 +123,11 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 class TrainingDiverged(UserError):
-    """The loss (or the weights) became NaN or infinite; the last good checkpoint is left untouched."""
+    """The loss (or the weights) became NaN or infinite; the last good checkpoint is left untouched.
+
+    Losses are checked in batches (every log_every steps and before every checkpoint) to avoid a device sync
+    per step; the message still names the first bad step.
+    """
 
     def __init__(self, message: str, step: int, checkpoint: Path | None) -> None:
         super().__init__(message)
@@ -300,8 +304,9 @@ def _prepare_epoch_order(loader: Any, seed: int, epoch: int, rank: int) -> None:
         if isinstance(sampler, RandomSampler) and sampler.generator is None:
             sampler.generator = loader.generator
     loader.generator.manual_seed(s)
-    if isinstance(sampler, RandomSampler) and sampler.generator is not None and sampler.generator is not loader.generator:
-        sampler.generator.manual_seed(s ^ 0x5DEECE66D)
+    own = getattr(sampler, "generator", None) if isinstance(sampler, RandomSampler) else None
+    if own is not None and own is not loader.generator:
+        own.manual_seed(s ^ 0x5DEECE66D)
 
 
 def _skipping_iterator(loader: Any, skip: int) -> Iterator:
@@ -350,7 +355,8 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             # hooks work on self.model; the wrapper is only used for the forward pass (gradient all-reduce)
-            self.forward_model: nn.Module = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward_model: nn.Module = DDP(model, device_ids=ids)
         else:
             self.forward_model = model
 
@@ -402,8 +408,6 @@ class Trainer:
         self._last_train: dict = {}
         self._interval_t0 = time.perf_counter()
         self._epoch_t0 = time.perf_counter()
-        # on one CPU process a sync is free, so losses are checked every step; elsewhere only every log_every
-        self._flush_every = 1 if (self.device.type == "cpu" and self.world_size == 1) else config.log_every
         self._schedule = self._make_schedule()
         self._lr = self._schedule(0.0)
 
@@ -471,6 +475,13 @@ class Trainer:
                 raise
             path = self._save_after_interrupt()
             raise TrainingInterrupted(path, self.step) from None
+        except Exception as exc:
+            # Ctrl-C also reaches DataLoader workers, which exit quietly; the loader then raises a
+            # RuntimeError about dead workers. Once an interrupt is pending, treat that as the interrupt.
+            if not self._interrupt_requested or isinstance(exc, UserError):
+                raise
+            path = self._save_after_interrupt()
+            raise TrainingInterrupted(path, self.step) from None
         finally:
             if previous_handler is not None:
                 signal.signal(signal.SIGINT, previous_handler)
@@ -513,8 +524,6 @@ class Trainer:
                 self._progress.line(f"{self.phase}: interrupted, saving a checkpoint at step {self.step}")
                 raise KeyboardInterrupt
             self._stop_requested = self._poll_should_stop()
-            if self.step % self._flush_every == 0:
-                self._flush()
             if self.step % cfg.log_every == 0:
                 self._log_interval()
             epoch_done = self.batch_in_epoch >= self.steps_per_epoch
@@ -523,13 +532,17 @@ class Trainer:
             if self.step >= total or self._stop_requested:
                 return
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                t_save = time.perf_counter()
                 self._save_auto()
+                self._interval_t0 += time.perf_counter() - t_save  # keep img/s about training only
         self._end_epoch()
 
     def _train_step(self, batch: Any) -> None:
         x, y = _split_batch(batch)
-        x = x.to(self.device, non_blocking=True)
-        y = y.to(self.device, non_blocking=True)
+        if x.device != self.device:
+            x = x.to(self.device, non_blocking=True)
+        if y.device != self.device:
+            y = y.to(self.device, non_blocking=True)
         if self._channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         # sample the schedule mid-step: warm-up's first step and cosine's last step get a non-zero lr
@@ -599,29 +612,38 @@ class Trainer:
         """Sync pending per-step losses: detect divergence and update the running averages."""
         if not self._pending:
             return
-        k = len(self._pending)
+        pending, self._pending = self._pending, []
+        k = len(pending)
         first_step = self.step - k + 1
-        zero = self._pending[0][0].new_zeros((), dtype=torch.float32)
-        losses = torch.stack([p[0].float() for p in self._pending])
-        correct = torch.stack([(p[1] if p[1] is not None else zero).float() for p in self._pending])
-        known = torch.tensor([p[2] if p[1] is not None else 0 for p in self._pending], dtype=torch.float32,
-                             device=losses.device)
-        ns = torch.tensor([p[2] for p in self._pending], dtype=torch.float32, device=losses.device)
-        stats = torch.stack([losses, correct, known, ns]).double()
+        has_acc = all(p[1] is not None for p in pending)
+        # one stacked tensor and one host transfer per flush rather than one sync per step
+        parts = [torch.stack([p[0] for p in pending]).double()]
+        if has_acc:
+            parts.append(torch.stack([p[1] for p in pending]).double())
+        values = torch.cat(parts) if len(parts) > 1 else parts[0]
+        ns = [float(p[2]) for p in pending]
+        scale = 1
         if collective and self.world_size > 1:
-            stats = D.all_reduce_sum(stats)
-        self._pending.clear()
-        loss_l, corr_l, known_l, n_l = stats.tolist()
-        scale = self.world_size if (collective and self.world_size > 1) else 1
+            # a NaN on any rank shows up on every rank, so all of them stop at the same flush
+            counts = torch.tensor(ns + [1.0 if has_acc else 0.0], dtype=torch.float64, device=values.device)
+            summed = D.all_reduce_sum(torch.cat([values, counts])).tolist()
+            scale = self.world_size
+            acc_ranks = summed[-1]
+            has_acc = acc_ranks == self.world_size
+            values_l, ns = summed[:len(values)], summed[len(values):-1]
+        else:
+            values_l = values.tolist()
+        loss_l = values_l[:k]
+        corr_l = values_l[k:2 * k] if has_acc else [0.0] * k
         for i in range(k):
             if not math.isfinite(loss_l[i]):
                 raise self._diverged(first_step + i, f"the loss is {loss_l[i]}")
             mean_loss = loss_l[i] / scale
             for acc in (self._acc_epoch, self._acc_interval):
-                acc[0] += mean_loss * n_l[i]
+                acc[0] += mean_loss * ns[i]
                 acc[1] += corr_l[i]
-                acc[2] += int(known_l[i])
-                acc[3] += int(n_l[i])
+                acc[2] += int(ns[i]) if has_acc else 0
+                acc[3] += int(ns[i])
 
     @staticmethod
     def _summarize(acc: list) -> dict:
@@ -647,18 +669,23 @@ class Trainer:
             return None
         if self._last_eval_step == self.step and self.last_eval is not None:
             return self.last_eval
-        if self.world_size > 1:
-            # BN running stats drift apart across ranks after the last broadcast; use rank 0's everywhere
-            for b in self.model.buffers():
-                torch.distributed.broadcast(b, 0)
         self.last_eval = evaluate(self.model, self.test_loader, self.device, amp=self.amp,
                                   channels_last=self._channels_last)
         self._last_eval_step = self.step
         return self.last_eval
 
+    def _sync_buffers(self) -> None:
+        # DDP broadcasts buffers before each forward, so after the last one the ranks' BN running stats
+        # differ by one local update; make them rank 0's so evaluation and the final model agree everywhere
+        if self.world_size > 1:
+            for b in self.model.buffers():
+                torch.distributed.broadcast(b, 0)
+
     def _end_epoch(self) -> None:
         self._flush()
-        elapsed = time.perf_counter() - self._epoch_t0
+        self._sync_buffers()
+        t_end = time.perf_counter()
+        elapsed = t_end - self._epoch_t0
         train = self._summarize(self._acc_epoch)
         self._last_train = train
         n = self._acc_epoch[3]
@@ -674,6 +701,7 @@ class Trainer:
         self.log(record)
         self._progress.line(self._epoch_line(record))
         self._save_auto()
+        self._interval_t0 += time.perf_counter() - t_end  # evaluation and saving are not training throughput
 
     def _epoch_line(self, rec: dict) -> str:
         epochs = max(1, math.ceil(self.total_steps / self.steps_per_epoch))
@@ -686,6 +714,7 @@ class Trainer:
 
     def _finish(self, wall_s: float) -> dict:
         self._flush()
+        self._sync_buffers()
         if self.batch_in_epoch > 0:
             self._last_train = self._summarize(self._acc_epoch)
         ev = self._eval_now()
@@ -697,16 +726,18 @@ class Trainer:
             self.log(record)
         if self._ckpt_step != self.step:
             self._save_auto()
+        saved = self.checkpoint_path if self._ckpt_step >= 0 else None
         return {"phase": self.phase, "step": self.step, "epoch": self.epoch_float, "lr": self._lr,
                 "train_loss": self._last_train.get("loss"), "train_top1": self._last_train.get("train_top1"),
                 "eval": ev, "stopped_early": self._stop_requested, "wall_s": wall_s,
-                "checkpoint": str(self.checkpoint_path) if self.checkpoint_path is not None and self._ckpt_step >= 0 else None}
+                "checkpoint": str(saved) if saved is not None else None}
 
     # ------------------------------------------------------------------ divergence, interrupts
     def _diverged(self, step: int, what: str) -> TrainingDiverged:
         path = self.checkpoint_path
         if path is not None and path.is_file():
-            kept = f"the last good checkpoint {path}" + (f" (step {self._ckpt_step})" if self._ckpt_step >= 0 else "") + " is kept"
+            at = f" (step {self._ckpt_step})" if self._ckpt_step >= 0 else ""
+            kept = f"the last good checkpoint {path}{at} is kept"
         elif path is not None:
             kept = "no checkpoint had been written yet"
         else:

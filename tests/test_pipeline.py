@@ -1,0 +1,134 @@
+"""End-to-end: the commands and the Python API on tiny real data."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import regprune
+from regprune.counting import count_macs
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def cli(*args, check=True):
+    out = subprocess.run([sys.executable, "-m", "regprune", *args], capture_output=True, text=True, cwd=ROOT, env=ENV)
+    if check:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def test_inspect_json_reports_papers_speedup():
+    out = cli("inspect", "--model", "resnet56", "--ratios", "[0,0.75,0.75,0.32,0]", "--json")
+    data = json.loads(out.stdout)
+    assert data["dense_macs"] == 125485696
+    assert round(data["speedup"], 2) == 2.55
+    assert data["pruned_params"] < data["dense_params"]
+    assert data["pruned_macs"] < data["dense_macs"]
+
+
+def test_inspect_table_explains_scope():
+    out = cli("inspect", "--model", "torchvision.resnet18", "--input-size", "64")
+    assert "residual-coupled" in out.stdout and "network output" in out.stdout
+    assert "layer1.0.conv1" in out.stdout
+
+
+def test_dry_run_prints_plan_and_schedule():
+    out = cli("prune", "--recipe", "recipes/resnet56-cifar10-greg2.yaml", "--dry-run")
+    assert "speedup 2.55x" in out.stdout
+    assert "pick 10000" in out.stdout and "iterations" in out.stdout
+
+
+def test_demo_quick_end_to_end(tmp_path):
+    out = cli("demo", "--quick", "--out", str(tmp_path / "demo"))
+    assert "pruned (greg1)" in out.stdout
+    run = tmp_path / "demo" / "greg1"
+    report = json.loads((run / "report.json").read_text())
+    assert 1.9 <= report["macs_speedup"] <= 2.1
+    for name in ("model.safetensors", "widths.json", "picks.json", "plots/widths.png", "plots/penalty.png"):
+        assert (run / name).exists(), name
+    assert list((run / "plots").glob("filter_norms_*.png"))
+    # the pruned model file evaluates and exports
+    ev = cli("eval", str(run / "model.safetensors"), "--data", "mnist5k", "--limit-test", "100")
+    assert "top1" in ev.stdout
+    onnx_path = tmp_path / "m.onnx"
+    cli("export", str(run / "model.safetensors"), "--onnx", str(onnx_path))
+    import onnxruntime as ort
+
+    model, _ = regprune.load(run / "model.safetensors")
+    x = np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype("float32")
+    ort_out = ort.InferenceSession(str(onnx_path)).run(None, {"input": x})[0]
+    ref = model.eval()(torch.from_numpy(x)).detach().numpy()
+    assert np.abs(ort_out - ref).max() < 1e-4
+
+
+def test_l1_prune_command(tmp_path):
+    cli("train", "--model", "resnet20", "--data", "digits", "--epochs", "1", "--out", str(tmp_path / "base"),
+        "--no-progress", "--batch-size", "64")
+    out = cli("prune", "--method", "l1", "--model", "resnet20", "--base", str(tmp_path / "base" / "model.safetensors"),
+              "--data", "digits", "--ratios", "*.conv1:0.5", "--ft-epochs", "1", "--out", str(tmp_path / "l1"),
+              "--no-progress", "--batch-size", "64")
+    assert "pruned (l1)" in out.stdout
+    widths = json.loads((tmp_path / "l1" / "widths.json").read_text())
+    assert widths["layer1.0.conv1"] == {"dense": 16, "kept": 8}
+    assert widths["layer1.0.conv2"] == {"dense": 16, "kept": 16}
+
+
+class TinyNet(nn.Module):
+    """A user's own model, not from the registry."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(16)
+        self.c2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.b2 = nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = F.relu(self.b1(self.c1(x)))
+        x = F.relu(self.b2(self.c2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_python_prune_on_own_module():
+    model = TinyNet()
+    x = torch.randn(4, 1, 8, 8)
+    res = regprune.prune(model, x, method="l1", ratios="c1:0.5")
+    assert res.model.c1.out_channels == 8 and res.model.c2.in_channels == 8
+    assert model.c1.out_channels == 16  # the original is untouched
+    assert count_macs(res.model, x) < count_macs(model, x)
+    assert res.model(x).shape == (4, 10)
+
+
+def test_regularizer_in_a_plain_training_loop():
+    torch.manual_seed(0)
+    model = TinyNet()
+    x = torch.randn(64, 1, 8, 8)
+    y = torch.randint(0, 10, (64,))
+    reg = regprune.regularizer(model, x, method="greg1", ratios="c1:0.5", iters=200)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    steps = 0
+    while not reg.done():
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        reg.after_backward()
+        opt.step()
+        reg.on_step_end()
+        steps += 1
+        assert steps < 1000
+    picks = reg.picks()["c1"]
+    norms = model.c1.weight.detach().abs().flatten(1).mean(1)
+    kept = [i for i in range(16) if i not in picks]
+    assert norms[picks].mean() < norms[kept].mean() / 5
+    pruned = reg.prune()
+    assert pruned.c1.out_channels == 8 and pruned(x).shape == (64, 10)

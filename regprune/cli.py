@@ -135,7 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha-nuc", type=float)
     p.add_argument("--alpha-mac", type=float)
     p.add_argument("--nuc-every", type=int)
-    p.add_argument("--mac-grad-inputs", action="store_true", default=None)
+    p.add_argument("--mac-grad-inputs", action="store_true", default=None,
+                   help="MACs loss differentiable in input counts too (the authors hold them constant)")
+    p.add_argument("--mac-norm", choices=["unit", "dense"],
+                   help="MACs gap in GMACs (paper; default for nets >= 1 GMAC) or as a fraction of dense MACs")
+    p.add_argument("--gate-lr-scale", type=float, help="gates' learning-rate factor")
+    p.add_argument("--no-exact-budget", dest="exact_budget", action="store_false", default=None,
+                   help="at S_max keep the gates where the search left them (default: move the least decided "
+                        "channels until MACs are within 1%% of the budget)")
+    p.add_argument("--no-wd-bn-bias", action="store_true", default=None)
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--momentum", type=float)
@@ -158,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------- helpers
 _CLI_TO_OPT = {"lr_schedule": "lr_schedule", "ft_lr_schedule": "ft_lr_schedule"}
 _NOT_OPTIONS = {"cmd", "overwrite", "resume", "recipe", "dry_run", "json", "quick", "pattern", "model_file",
-                "greg", "search_epochs", "alpha_nuc", "alpha_mac", "nuc_every", "mac_grad_inputs"}
+                "greg"}
 
 
 def _load_recipe(path: str) -> dict[str, Any]:
@@ -168,10 +176,13 @@ def _load_recipe(path: str) -> dict[str, Any]:
     if not p.exists():
         raise UserError(f"recipe {path} does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
+        # safe_load builds only plain data: python/* tags (object construction, calls) are refused
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise UserError(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read recipe {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
         raise UserError(f"recipe {path} must be a mapping of option names to values")
     return {k.replace("-", "_"): v for k, v in data.items()}
 
@@ -188,14 +199,22 @@ def _options(args: argparse.Namespace, defaults: dict[str, Any]):
         values.update(recipe)
     if getattr(args, "resume", None):
         saved = Path(args.resume) / "options.json"
-        if not saved.exists():
+        if not saved.is_file():
             raise UserError(f"cannot resume: {args.resume} holds no regprune run (no options.json)")
-        values.update(json.loads(saved.read_text()))
+        try:
+            saved_values = json.loads(saved.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserError(f"cannot resume: {saved} is unreadable ({exc})") from None
+        if not isinstance(saved_values, dict):
+            raise UserError(f"cannot resume: {saved} is not a regprune options file")
+        values.update(saved_values)
     for k, v in vars(args).items():
         if k in _NOT_OPTIONS or v is None:
             continue
         values[k] = v
     if getattr(args, "greg", None):
+        if not isinstance(values.get("greg") or {}, dict):
+            raise UserError(f"option greg must be a mapping of GReg settings, got {values['greg']!r}")
         g = dict(values.get("greg") or {})
         for item in args.greg:
             if "=" not in item:
@@ -287,11 +306,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .pipeline import RunDir, train_job
+    from .pipeline import RunDir, check_options, train_job
 
     o = _options(args, {"lr_schedule": "cosine", "epochs": 30, "out": "runs/base"})
     if not o.model:
         raise UserError("--model is required")
+    check_options(o, "train")
     run = _start_run(o, args)
     _print(train_job(o, run)["table"])
     _print(f"model written to {run.file('model.safetensors')}")
@@ -302,16 +322,29 @@ def _start_run(o, args):
     from .engine import init_distributed, is_main
     from .pipeline import RunDir
 
+    from .engine import broadcast_object
+
     init_distributed()
-    run = RunDir(o.out, overwrite=getattr(args, "overwrite", False), resume=bool(getattr(args, "resume", None)),
-                 write=is_main())
+    resume = bool(getattr(args, "resume", None))
+    # rank 0 alone checks and prepares the directory, then tells the others: were every rank to check, a slow
+    # one could find rank 0's fresh files, refuse "already exists" and leave rank 0 waiting in a collective
+    run, error = None, None
     if is_main():
-        from dataclasses import asdict
+        try:
+            run = RunDir(o.out, overwrite=getattr(args, "overwrite", False), resume=resume, write=True)
+            from dataclasses import asdict
 
-        from .engine import atomic_write_text
+            from .engine import atomic_write_text
 
-        atomic_write_text(run.file("options.json"), json.dumps(asdict(o), indent=1))
-        run.save_state()
+            atomic_write_text(run.file("options.json"), json.dumps(asdict(o), indent=1))
+            run.save_state()
+        except UserError as exc:
+            error = str(exc)
+    error = broadcast_object(error)
+    if error is not None:
+        raise UserError(error)
+    if run is None:
+        run = RunDir(o.out, overwrite=True, resume=resume, write=False)
     return run
 
 
@@ -360,13 +393,14 @@ def _dry_run(o) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .pipeline import prune_job
+    from .pipeline import check_options, prune_job
 
     o = _options(args, {"method": "l1", "out": "runs/prune"})
     if not o.model:
         raise UserError("--model is required")
     if args.dry_run:
         return _dry_run(o)
+    check_options(o, "prune")
     run = _start_run(o, args)
     out = prune_job(o, run)
     _print(out["table"])
@@ -376,15 +410,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+_SPM_KEYS = ("search_epochs", "alpha_nuc", "alpha_mac", "nuc_every", "mac_grad_inputs", "mac_norm", "gate_lr_scale",
+             "exact_budget")
+
+
 def cmd_scratch(args: argparse.Namespace) -> int:
     from .scratch import scratch_job, scratch_dry_run
 
     o = _options(args, {"out": "runs/scratch", "lr_schedule": "cosine", "epochs": 10})
-    extra = {k: getattr(args, k) for k in ("search_epochs", "alpha_nuc", "alpha_mac", "nuc_every", "mac_grad_inputs")
-             if getattr(args, k, None) is not None}
-    if args.recipe:
-        rec = _load_recipe(args.recipe)
-        extra = {**{k: rec[k] for k in ("search_epochs", "alpha_nuc", "alpha_mac", "nuc_every", "mac_grad_inputs") if k in rec}, **extra}
+    extra = {k: getattr(o, k) for k in _SPM_KEYS if getattr(o, k) is not None}
     if not o.model:
         raise UserError("--model is required")
     if o.target_macs is None:

@@ -7,8 +7,10 @@ Each job works in one run directory, records what it finished in `state.json`, a
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +44,7 @@ class RunDir:
         if resume:
             if not (self.path / "state.json").exists():
                 raise UserError(f"cannot resume: {self.path} holds no regprune run (no state.json)")
+            state = self._read_state()  # before the write probe below: a run that cannot resume is not touched
         elif self.path.exists() and any(self.path.iterdir()):
             if not overwrite:
                 raise UserError(f"run directory {self.path} already exists and is not empty; "
@@ -56,14 +59,15 @@ class RunDir:
                 probe.unlink()
             except OSError as exc:
                 raise UserError(f"cannot write to run directory {self.path}: {exc.strerror or exc}") from None
-        self.state: dict[str, Any] = self._read_state() if resume else {"done": [], "results": {}}
+        self.state: dict[str, Any] = state if resume else {"done": [], "results": {}}
 
     def _read_state(self) -> dict[str, Any]:
         try:
             state = json.loads((self.path / "state.json").read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise UserError(f"cannot resume: {self.path / 'state.json'} is unreadable ({exc})") from None
-        if not isinstance(state, dict) or "done" not in state:
+        if (not isinstance(state, dict) or not isinstance(state.get("done"), list)
+                or not isinstance(state.setdefault("results", {}), dict)):
             raise UserError(f"cannot resume: {self.path / 'state.json'} is not a regprune run state")
         return state
 
@@ -145,6 +149,15 @@ class JobOptions:
     ft_lr: float = 0.01
     ft_lr_schedule: str = "cosine"
     ft_warmup_epochs: float = 0.0
+    # pruning from scratch (None: the method's defaults, see scratch.spm_settings)
+    search_epochs: float | None = None
+    alpha_nuc: float | None = None
+    alpha_mac: float | None = None
+    nuc_every: int | None = None
+    mac_grad_inputs: bool | None = None
+    mac_norm: str | None = None
+    gate_lr_scale: float | None = None
+    exact_budget: bool | None = None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "JobOptions":
@@ -152,7 +165,31 @@ class JobOptions:
         unknown = sorted(set(values) - known)
         if unknown:
             raise UserError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        for name, value in values.items():
+            _check_type(name, value, cls.__dataclass_fields__[name].type)
         return cls(**values)
+
+
+# what a value of each annotated option type may be (recipes and options.json are not type-checked by argparse)
+_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
+                                       "list[str]": (list,), "dict[str,Any]": (dict,)}
+
+
+def _check_type(name: str, value: Any, annotation: Any) -> None:
+    ann = str(annotation).replace(" ", "")
+    optional = ann.endswith("|None")
+    base = ann[:-len("|None")] if optional else ann
+    if value is None:
+        if optional or base not in _TYPES:
+            return
+        raise UserError(f"option {name} needs a value of type {base}, got null")
+    kinds = _TYPES.get(base)
+    if kinds is None:
+        return
+    if not isinstance(value, kinds) or (isinstance(value, bool) and base != "bool"):
+        raise UserError(f"option {name} must be of type {base}, got {value!r}")
+    if base == "list[str]" and not all(isinstance(v, str) for v in value):
+        raise UserError(f"option {name} must be a list of strings, got {value!r}")
 
 
 def _train_config(o: JobOptions, *, epochs: float, lr: float, schedule: str, warmup: float,
@@ -188,11 +225,14 @@ def new_model(o: JobOptions, bundle: DataBundle) -> nn.Module:
     return create_model(o.model, num_classes=bundle.num_classes, in_channels=bundle.in_channels, **_model_kwargs(o))
 
 
+_NO_BASE = ("pruning needs a trained base: --base FILE (a regprune model file), --base pretrained "
+            "(torchvision weights), or --base random to prune an untrained network on purpose")
+
+
 def load_base(o: JobOptions, bundle: DataBundle) -> nn.Module:
     """The trained model to prune: a model file, torchvision's published weights, or (only by name) random init."""
     if o.base is None:
-        raise UserError("pruning needs a trained base: --base FILE (a regprune model file), --base pretrained "
-                        "(torchvision weights), or --base random to prune an untrained network on purpose")
+        raise UserError(_NO_BASE)
     if o.base == "random":
         return new_model(o, bundle)
     if o.base == "pretrained":
@@ -208,10 +248,13 @@ def load_base(o: JobOptions, bundle: DataBundle) -> nn.Module:
     return model
 
 
-def _pretrained(o: JobOptions, bundle: DataBundle) -> nn.Module:
-    info = model_info(o.model)
-    if info.family != "torchvision":
+def _check_pretrained(o: JobOptions) -> None:
+    if model_info(o.model).family != "torchvision":
         raise UserError(f"--base pretrained is for torchvision.* models; {o.model} has no published weights")
+
+
+def _pretrained(o: JobOptions, bundle: DataBundle) -> nn.Module:
+    _check_pretrained(o)
     if bundle.num_classes != 1000 or bundle.in_channels != 3:
         raise UserError(f"torchvision's weights for {o.model} are for 1000 classes of RGB images; "
                         f"{bundle.name} has {bundle.num_classes} classes and {bundle.in_channels} channel(s)")
@@ -322,6 +365,69 @@ def prune_plan(o: JobOptions, model: nn.Module, x: torch.Tensor):
     return graph, plan
 
 
+def check_options(o: JobOptions, job: str) -> None:
+    """Mistakes visible in the options alone (no data, model file or run directory needed).
+
+    The CLI calls this before it creates a run directory, so a typo leaves nothing behind to --overwrite.
+    """
+    model_info(o.model)
+    if job == "train":
+        _train_config(o, epochs=o.epochs, lr=o.lr, schedule=o.lr_schedule, warmup=o.warmup_epochs).validate()
+        return
+    if o.method not in ("l1", "greg1", "greg2"):
+        raise UserError(f"unknown method {o.method!r}: expected l1, greg1 or greg2 (or use `regprune scratch`)")
+    if o.base is None:
+        raise UserError(_NO_BASE)
+    if o.base == "pretrained":
+        _check_pretrained(o)
+    # the same rules make_plan applies, checked here before any data is loaded
+    if o.speedup is not None and o.target_macs is not None:
+        raise UserError("give either --speedup or --target-macs, not both")
+    if o.speedup is not None and not o.speedup >= 1.0:
+        raise UserError(f"speedup {o.speedup:g} out of range: expected a number >= 1")
+    if o.target_macs is not None and not 0.0 < o.target_macs <= 1.0:
+        raise UserError(f"MACs target {o.target_macs:g} out of range: expected a kept fraction in (0, 1]")
+    if not o.ratios and o.speedup is None and o.target_macs is None:
+        raise UserError("say how much to prune: --ratios SPEC, --speedup X or --target-macs F")
+    if o.method != "l1":
+        cfg = greg_config(o, 1)
+        _train_config(o, epochs=1, lr=cfg.lr_prune, schedule="constant", warmup=0.0,
+                      max_steps=cfg.planned_iters(o.method)["total"]).validate()
+    _train_config(o, epochs=o.ft_epochs, lr=o.ft_lr, schedule=o.ft_lr_schedule, warmup=o.ft_warmup_epochs).validate()
+
+
+def _debug_rank_dump(phase: str, model: nn.Module, *, picks: dict | None = None, reg: Regularizer | None = None,
+                     plan: Any = None) -> None:
+    """With REGPRUNE_DEBUG_RANK_DUMP=DIR, write this rank's view of a phase boundary to DIR/rank{r}_{phase}.json.
+
+    For checking that distributed ranks agree (picks, GReg penalties and masks, weights); the one place where
+    every rank writes, and only into DIR, never into the run directory.
+    """
+    where = os.environ.get("REGPRUNE_DEBUG_RANK_DUMP")
+    if not where:
+        return
+
+    def digest(tensors: dict[str, torch.Tensor]) -> str:
+        h = hashlib.sha256()
+        for k in sorted(tensors):
+            t = tensors[k].detach().cpu().contiguous()
+            h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
+
+    rec: dict[str, Any] = {"phase": phase, "rank": E.get_rank(), "world_size": E.get_world_size(),
+                           "weights": digest(model.state_dict()), "picks": picks}
+    if plan is not None:
+        rec["plan"] = {"removal": plan.removal, "ratios": plan.ratios}
+    if reg is not None:
+        st = reg.greg.state_dict()
+        rec["greg"] = {"phase": st["phase"], "iteration": st["iteration"], "lambdas": digest(st["lambdas"]),
+                       "gates": digest(st["pruned"]) if st["pruned"] is not None else None,
+                       "picks": reg.picks() if st["pruned"] is not None and not reg.unstructured else None}
+    Path(where).mkdir(parents=True, exist_ok=True)
+    E.atomic_write_text(Path(where) / f"rank{E.get_rank()}_{phase}.json", json.dumps(E.log.to_jsonable(rec), indent=1))
+
+
 def prune_job(o: JobOptions, run: RunDir) -> dict[str, Any]:
     """Base -> (regularize) -> remove -> fine-tune -> evaluate -> report, resumable phase by phase."""
     if o.method not in ("l1", "greg1", "greg2"):
@@ -335,9 +441,11 @@ def prune_job(o: JobOptions, run: RunDir) -> dict[str, Any]:
     if "base" not in results:
         run.mark("base", base=_eval(model, test_loader, o.device))
     model.cpu()
+    _debug_rank_dump("base", model)
     graph, plan = prune_plan(o, model, x)
     run.mark("plan", plan={"ratios": plan.ratios, "removal": plan.removal, "dense_macs": plan.dense_macs,
                            "pruned_macs": plan.pruned_macs, "speedup": plan.speedup})
+    _debug_rank_dump("plan", model, plan=plan)
     history: list[dict] = []
     picks: dict[str, list[int]] | None = None
     keeper = None
@@ -368,6 +476,7 @@ def prune_job(o: JobOptions, run: RunDir) -> dict[str, Any]:
             keeper = reg.mask_keeper()
         else:
             picks = reg.picks()
+        _debug_rank_dump("regularize", model, reg=reg, picks=picks)
 
     if o.unstructured:
         if o.method == "l1":
@@ -383,6 +492,7 @@ def prune_job(o: JobOptions, run: RunDir) -> dict[str, Any]:
                 E.atomic_write_text(run.file("picks.json"), json.dumps(picks, indent=1))
             run.mark("prune", pruned_before_ft=_eval(pruned, test_loader, o.device))
             pruned.cpu()
+    _debug_rank_dump("prune", pruned, picks=picks)
 
     if not run.done("finetune"):
         fcfg = _train_config(o, epochs=o.ft_epochs, lr=o.ft_lr, schedule=o.ft_lr_schedule, warmup=o.ft_warmup_epochs)
@@ -400,6 +510,7 @@ def prune_job(o: JobOptions, run: RunDir) -> dict[str, Any]:
         run.mark("finetune", final=final, best_top1=best)
     else:
         pruned, _ = load_model(run.file("model.safetensors"), model=pruned if o.unstructured else None)
+    _debug_rank_dump("finetune", pruned, picks=picks)
     return _report(o, run, dense.cpu(), pruned.cpu(), x, bundle, history, picks)
 
 

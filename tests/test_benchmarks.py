@@ -1,0 +1,113 @@
+"""The benchmark scripts run end to end at their smallest scale and write what their README promises."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from regprune.data.mnist import FASHION_MNIST_DEFAULT_PATH
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+needs_fashion = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT_PATH),
+                                   reason="Debian package dataset-fashion-mnist not installed")
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_greg_vs_l1_smoke(tmp_path: Path, keep_threads) -> None:
+    gvl = _load("greg_vs_l1")
+    out = tmp_path / "results"
+    result = gvl.main(["--scale", "smoke", "--out-dir", str(out), "--work-dir", str(tmp_path / "work")])
+
+    md, js, png = (out / "greg_vs_l1_smoke.md", out / "greg_vs_l1_smoke.json", out / "greg_vs_l1_smoke_separation.png")
+    for f in (md, js, png):
+        assert f.is_file() and f.stat().st_size > 0, f
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(js.read_text())
+    assert data == json.loads(json.dumps(result, default=str))  # what main returns is what it wrote
+
+    assert data["scale"] == "smoke" and data["benchmark"] == "greg_vs_l1"
+    assert {"platform", "torch", "cpu_count", "device"} <= set(data["hardware"])
+    assert _finite(data["wall_time_s"]) and data["wall_time_s"] > 0
+    s = data["settings"]
+    assert s["model"] == "resnet20" and s["seeds"] == 2 and s["ratios"] == ["*.conv1:0.9"]
+    assert _finite(data["base"]["top1"]) and data["base"]["curve"]
+
+    # one row per ratio x seed x method, every number finite, one base, identical fine-tuning budgets
+    rows = data["results"]
+    assert sorted((r["method"], r["seed"]) for r in rows) == sorted((m, k) for m in gvl.METHODS for k in range(2))
+    for r in rows:
+        for key in ("top1", "best_top1", "before_ft_top1", "macs_speedup", "latency_speedup_b1", "ft_epochs"):
+            assert _finite(r[key]), (r["method"], key, r[key])
+        assert 0 <= r["top1"] <= 100
+        assert r["macs_speedup"] == pytest.approx(rows[0]["macs_speedup"]) and r["macs_speedup"] > 5
+    ft = {r["method"]: r["ft_epochs"] for r in rows if r["seed"] == 0}
+    assert ft["l1"] == ft["greg1"] == ft["greg2"] == s["ft_epochs"]
+    greg_iters = [r["reg_iters"] for r in rows if r["method"].startswith("greg")]
+    assert all(0 < it <= 25 for it in greg_iters)  # a budget of ~20 iterations, as the smoke scale says
+    extra = next(r for r in rows if r["method"] == "l1+extra" and r["seed"] == 0)
+    assert extra["extra_iters"] == max(r["reg_iters"] for r in rows if r["method"].startswith("greg") and r["seed"] == 0)
+    assert extra["ft_epochs"] > ft["l1"]
+
+    assert {(g["method"], g["n_seeds"]) for g in data["summary"]} == {(m, 2) for m in gvl.METHODS}
+    for g in data["summary"]:
+        assert all(_finite(g[k]) for k in ("top1_mean", "top1_std", "macs_speedup"))
+    assert {(c["a"], c["b"]) for c in data["comparisons"]} == {
+        ("greg1", "l1"), ("greg2", "l1"), ("greg1", "l1+extra"), ("greg2", "l1+extra")}
+    for c in data["comparisons"]:
+        assert _finite(c["delta_mean"]) and _finite(c["spread"]) and isinstance(c["exceeds_spread"], bool)
+
+    text = md.read_text()
+    assert "| method | ratios | MACs speedup |" in text and "exceeds the seed spread?" in text
+    assert text.count("`*.conv1:0.9`") >= 8
+
+
+def test_greg_vs_l1_gpu_plan_parses_without_a_gpu(capsys, keep_threads) -> None:
+    gvl = _load("greg_vs_l1")
+    res = gvl.main(["--scale", "gpu", "--dry-run"])
+    printed = capsys.readouterr().out
+    assert res["dry_run"] and res["settings"]["model"] == "resnet56" and res["settings"]["reg_iters"] is None
+    assert "greg2 schedule" in printed and "'total': 119010" in printed  # the paper's full CIFAR schedule
+
+
+def test_auto_greg_levels_keep_the_budgeted_schedule() -> None:
+    gvl = _load("greg_vs_l1")
+    s = gvl.make_settings(gvl.parse_args(["--scale", "cpu", "--reg-iters", "150", "--limit-train", "1000"]))
+    for method in ("greg1", "greg2"):
+        cfg = gvl.greg_config_of(gvl.greg_overrides(method, s, ["layer1.0.conv1"]))
+        plan = cfg.planned_iters(method)
+        assert abs(plan["total"] - 150) <= 3
+        assert cfg.lr_prune == s.reg_lr
+        # the pruned filters' integrated decay over growth is what the rule asks for (2 ln 1000 nepers)
+        lr_eff = s.reg_lr / (1 - s.momentum)
+        start = cfg.reg_upper_limit_pick if method == "greg2" else 0.0
+        assert lr_eff * (start + cfg.reg_upper_limit) / 2 * plan["grow"] == pytest.approx(2 * math.log(1000), rel=0.02)
+    assert gvl.stretch_schedule("0:0.01,60:0.001,90:0.0001", 1.5) == "0:0.01,90:0.001,135:0.0001"
+    assert gvl.stretch_schedule("cosine", 2.0) == "cosine"
+    assert gvl._ratio_spec("0.7") == "*.conv1:0.7"

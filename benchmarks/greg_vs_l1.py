@@ -389,10 +389,16 @@ def run_prune(s: Settings, spec: str, method: str, seed: int, base_file: Path, w
     out = prune_job(o, _run_dir(path, resume))
     rep = out["report"]
     reg = rep.get("regularize") or {}
+    # The pipeline's best_top1 misses the per-epoch evaluations (it looks for "top1" in records that say
+    # "test_top1"), so it always equals the final accuracy; read the fine-tuning curve from the metrics.
+    curve = [r["test_top1"] for r in E.read_metrics(path / E.METRICS_FILE)
+             if r.get("phase") == "finetune" and r.get("kind") == "epoch" and "test_top1" in r]
+    final = float(rep["rows"][1]["top1"])
     status = reg.get("status") or {}
     row = {
         "ratio_spec": spec, "method": method, "seed": seed,
-        "top1": rep["rows"][1]["top1"], "best_top1": rep.get("best_top1"),
+        "top1": final, "best_top1": round(max(curve + [final]), 2), "pipeline_best_top1": rep.get("best_top1"),
+        "ft_curve": curve,
         "before_ft_top1": (rep.get("pruned_before_finetune") or {}).get("top1"),
         "after_reg_top1": (reg.get("eval") or {}).get("top1"),
         "macs_speedup": rep["macs_speedup"], "latency_speedup_b1": rep["latency_speedup_b1"],
@@ -409,8 +415,10 @@ def run_prune(s: Settings, spec: str, method: str, seed: int, base_file: Path, w
 
 
 def _slug(spec: str) -> str:
-    keep = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in spec)
-    return keep.strip("_") or "ratios"
+    """A directory name for a ratio spec: '*.conv1:0.9' -> 'all.conv1-0.9' (never hidden, never nested)."""
+    text = spec.replace("*", "all").replace(":", "-")
+    keep = "".join(ch if ch.isalnum() or ch in ".-" else "_" for ch in text)
+    return keep.strip("._-") or "ratios"
 
 
 def tracked_layers(s: Settings, spec: str) -> list[str]:

@@ -18,7 +18,7 @@ def run_demo(out: str | Path = "runs/demo", overwrite: bool = False, quick: bool
     common = dict(model="resnet20", data="mnist5k", batch_size=64, seed=0, progress=True)
     if quick:
         common.update(limit_train=400, limit_test=200, progress=False)
-    base = JobOptions(**common, out=str(out / "base"), epochs=1 if quick else 8, lr=0.1, lr_schedule="cosine",
+    base = JobOptions(**common, out=str(out / "base"), epochs=1 if quick else 6, lr=0.1, lr_schedule="cosine",
                       weight_decay=5e-4)
     print(f"[1/2] training the dense base: {base.model} on {base.data}, {base.epochs:g} epochs", flush=True)
     train_job(base, RunDir(base.out))

@@ -462,6 +462,10 @@ class Trainer:
         self._schedule = self._make_schedule()
         total = self.total_steps
         self._stop_requested = False
+        if resume_from is not None and self.step > 0:
+            # the checkpoint may be from the very step a hook asked to stop at (the phase's final checkpoint, an
+            # epoch end, a Ctrl-C): ask again, or the resumed run would train steps the original never took
+            self._stop_requested = self._poll_should_stop()
         self._interrupt_requested = False
         self._progress = Progress(self.config.progress and self.is_main, total, min(self.step, total), self._desc())
         self._interval_t0 = self._epoch_t0 = t0 = time.perf_counter()

@@ -358,15 +358,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _dry_run(o) -> int:
     import torch
 
-    from .methods.greg import GRegConfig
-    from .models import create_model, model_info
-    from .pipeline import greg_config, prune_plan
+    from .models import create_model
+    from .pipeline import assumed_shapes, greg_config, prune_plan
     from .report import format_table
 
-    info = model_info(o.model)
-    sizes = {"mnist5k": (1, 28, 10), "fashion-mnist": (1, 28, 10), "digits": (1, 8, 10), "cifar10": (3, 32, 10),
-             "cifar100": (3, 32, 100), "imagefolder": (3, 224, 1000)}
-    ch, size, classes = sizes.get(o.data.split(":", 1)[0], (3, info.input_size, 10))
+    ch, size, classes, n = assumed_shapes(o)
     model = create_model(o.model, num_classes=classes, in_channels=ch, **({"shortcut": o.shortcut} if o.shortcut else {}))
     x = torch.zeros(1, ch, size, size)
     graph, plan = prune_plan(o, model, x)
@@ -376,9 +372,6 @@ def _dry_run(o) -> int:
     print(format_table(rows, list(rows[0])))
     print(f"MACs {plan.dense_macs / 1e6:.2f}M -> {plan.pruned_macs / 1e6:.2f}M, speedup {plan.speedup:.2f}x")
     if o.method in ("greg1", "greg2"):
-        train_sizes = {"mnist5k": 4000, "fashion-mnist": 60000, "digits": 1437, "cifar10": 50000, "cifar100": 50000,
-                       "imagefolder": 1281167}
-        n = o.limit_train or train_sizes.get(o.data.split(":", 1)[0], 0)
         bs = o.reg_batch_size or o.batch_size
         spe = max(1, math.ceil(n / bs)) if n else None
         cfg = greg_config(o, spe or 1)

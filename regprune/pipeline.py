@@ -215,6 +215,21 @@ def example_input(bundle: DataBundle) -> torch.Tensor:
     return torch.zeros(1, bundle.in_channels, bundle.image_size, bundle.image_size)
 
 
+_KNOWN_SHAPES = {"mnist5k": (1, 28, 10), "fashion-mnist": (1, 28, 10), "digits": (1, 8, 10), "cifar10": (3, 32, 10),
+                 "cifar100": (3, 32, 100), "imagefolder": (3, 224, 1000)}
+_TRAIN_SIZES = {"mnist5k": 4000, "fashion-mnist": 60000, "digits": 1437, "cifar10": 50000, "cifar100": 50000,
+                "imagefolder": 1281167}
+
+
+def assumed_shapes(o: JobOptions) -> tuple[int, int, int, int]:
+    """(channels, image side, classes, training images) a dataset spec implies, without reading any data (dry runs)."""
+    from .models import model_info
+
+    key = o.data.split(":", 1)[0].lower()
+    ch, size, classes = _KNOWN_SHAPES.get(key, (3, model_info(o.model).input_size, 10))
+    return ch, size, classes, o.limit_train or _TRAIN_SIZES.get(key, 0)
+
+
 def _model_kwargs(o: JobOptions) -> dict[str, Any]:
     return {"shortcut": o.shortcut} if o.shortcut else {}
 

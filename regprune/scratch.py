@@ -127,12 +127,10 @@ class _Monitor:
 
 def scratch_dry_run(o: JobOptions, extra: dict[str, Any]) -> int:
     """Print the search plan (groups gated, losses, schedule) without data."""
-    from .models import create_model, model_info
+    from .models import create_model
+    from .pipeline import assumed_shapes
 
-    info = model_info(o.model)
-    sizes = {"mnist5k": (1, 28, 10), "fashion-mnist": (1, 28, 10), "digits": (1, 8, 10), "cifar10": (3, 32, 10),
-             "cifar100": (3, 32, 100), "imagefolder": (3, 224, 1000)}
-    ch, size, classes = sizes.get(o.data.split(":", 1)[0], (3, info.input_size, 10))
+    ch, size, classes, _ = assumed_shapes(o)
     model = create_model(o.model, num_classes=classes, in_channels=ch)
     gates = insert_gates(model, torch.zeros(1, ch, size, size))
     s = spm_settings(gates.graph.total_macs, o.epochs, extra)

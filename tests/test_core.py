@@ -13,16 +13,7 @@ from regprune.counting import count_macs, count_params
 from regprune.graph import analyze
 from regprune.ratios import make_plan, parse_ratios, removed_count
 from regprune.surgery import (apply_picks, load_model, max_abs_diff, periodic_picks, save_model, zero_channels)
-
-
-def _randomise_bn(model: nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+from helpers import randomise_bn
 
 
 @pytest.mark.parametrize("name,spec,classes,size,expected", [
@@ -129,7 +120,7 @@ class ConcatGrouped(nn.Module):
 def test_lossless_reconfiguration(name, size, spec):
     torch.manual_seed(0)
     model = ConcatGrouped() if name == "concat_grouped" else create_model(name)
-    _randomise_bn(model)
+    randomise_bn(model)
     x = torch.randn(2, 3, size, size)
     g = analyze(model, x[:1], include_coupled=True)
     plan = make_plan(g, spec)
@@ -148,7 +139,7 @@ def test_lossless_reconfiguration(name, size, spec):
 
 def test_residual_stream_pruning_on_option_a_resnet_is_lossless():
     model = create_model("resnet20")
-    _randomise_bn(model)
+    randomise_bn(model)
     x = torch.randn(2, 3, 32, 32)
     g = analyze(model, x[:1], include_coupled=True)
     streams = [r for r, grp in g.groups.items() if grp.coupled]
@@ -162,7 +153,7 @@ def test_residual_stream_pruning_on_option_a_resnet_is_lossless():
 
 def test_model_file_round_trip_in_fresh_process(tmp_path):
     model = create_model("resnet20", num_classes=10, in_channels=1)
-    _randomise_bn(model)
+    randomise_bn(model)
     x = torch.randn(1, 1, 28, 28)
     g = analyze(model, x)
     plan = make_plan(g, "*.conv1:0.5")

@@ -11,17 +11,7 @@ from regprune import UserError, create_model
 from regprune.counting import count_macs
 from regprune.methods.spm import GATES_ATTR, ChannelGate, GateSet, SPMRegularizer, insert_gates, reconfigure
 from regprune.models.cifar import PadShortcut
-
-
-def _randomise_bn(model: nn.Module, seed: int = 0) -> None:
-    # non-trivial statistics and shifts: an ungated BN would turn a zeroed channel into its shift
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+from helpers import randomise_bn
 
 
 def _random_gates(gates: GateSet, seed: int = 0) -> None:
@@ -49,7 +39,7 @@ def r20_input():
 def _r20(x):
     torch.manual_seed(0)
     model = create_model("resnet20", num_classes=10, in_channels=1)
-    _randomise_bn(model)
+    randomise_bn(model)
     return model, insert_gates(model, x[:1])
 
 
@@ -82,7 +72,7 @@ def test_gates_start_on_and_are_registered(r20_input):
     x = r20_input
     torch.manual_seed(0)
     model = create_model("resnet20", num_classes=10, in_channels=1)
-    _randomise_bn(model)
+    randomise_bn(model)
     dense = copy.deepcopy(model)
     model.train()
     gates = insert_gates(model, x[:1])
@@ -130,7 +120,7 @@ def test_shared_gate_per_residual_stream(r20_input):
 def test_reconfiguration_is_exact(name, channels, size):
     torch.manual_seed(0)
     model = create_model(name, num_classes=10, in_channels=channels)
-    _randomise_bn(model)
+    randomise_bn(model)
     x = torch.randn(2, channels, size, size)
     gates = insert_gates(model, x[:1])
     _random_gates(gates)

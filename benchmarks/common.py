@@ -30,7 +30,7 @@ from regprune.engine import atomic_write_text  # noqa: E402
 from regprune.engine.log import to_jsonable  # noqa: E402
 
 __all__ = ["REPO_ROOT", "hardware_info", "train_throughput", "eval_throughput", "choose_threads", "mean_std",
-           "fmt_pm", "write_json", "finite_numbers", "Stopwatch", "log"]
+           "fmt_pm", "write_json", "bn_recalibrated_top1", "finite_numbers", "Stopwatch", "log"]
 
 
 def log(msg: str) -> None:
@@ -127,6 +127,33 @@ def choose_threads(make_model: Callable[[], nn.Module], batch_size: int, input_s
     best = max(measured, key=measured.get)
     torch.set_num_threads(best)
     return best, measured
+
+
+@torch.no_grad()
+def bn_recalibrated_top1(model: nn.Module, train_loader: Iterable, test_loader: Iterable, max_batches: int = 200,
+                         device: str = "cpu") -> float:
+    """Test top-1 after re-estimating every BatchNorm's running statistics from training batches.
+
+    A diagnostic, not a method: it separates what a model has lost from what only its stale BN statistics
+    hide (weights that changed scale quickly, or channels just removed, leave running means/variances that
+    no longer describe the activations). The model is modified in place: pass a copy.
+    """
+    from regprune.engine import evaluate
+
+    dev = torch.device(device)
+    model.to(dev)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the batches below
+    model.train()
+    for i, batch in enumerate(train_loader):
+        if i >= max_batches:
+            break
+        model(batch[0].to(dev))
+    for bn in bns:
+        bn.momentum = 0.1
+    return float(evaluate(model, test_loader, dev)["top1"])
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -106,7 +106,7 @@ SCALES: dict[str, Settings] = {
                       reg_iters=20, reg_lr=0.01, greg_levels="auto", seeds=2, ratios=["*.conv1:0.9"],
                       limit_train=160, limit_test=64, threads=1),
     "cpu": Settings(scale="cpu", model="resnet20", batch_size=64, base_epochs=15, base_lr=0.1,
-                    base_schedule="cosine", ft_epochs=3, ft_lr=0.01, ft_schedule="cosine", ft_warmup_epochs=0.0,
+                    base_schedule="cosine", ft_epochs=4, ft_lr=0.01, ft_schedule="cosine", ft_warmup_epochs=0.0,
                     reg_iters=120, reg_lr=0.01, greg_levels="auto", seeds=3, ratios=["*.conv1:0.9"],
                     limit_train="auto", limit_test=None, budget_min=45.0,
                     candidates=[[1000, 1000], [1500, 1000], [2000, 1000], [3000, 2000], [4000, 2000],
@@ -299,7 +299,8 @@ def estimate_s(s: Settings, n_train: int, n_test: int, tp: dict[str, Any]) -> di
     """Seconds the run should take with these subset sizes at the measured throughputs (worst case: GReg
     runs its whole planned schedule; it usually stops earlier by the magnitude-ratio rule)."""
     td, ed = tp["dense_train_img_s"], tp["dense_eval_img_s"]
-    per_job = 6.0 + 2 * n_test / ed + 900 / ed  # data, graph, base eval, latency probes, plots
+    # data, graph, base/pruned/final evals, latency probes (~1,000 dense images), plots, BN re-estimation
+    per_job = 10.0 + 3 * n_test / ed + 1000 / ed + min(n_train, 200 * s.batch_size) * 2 / ed
     base = s.base_epochs * (n_train / td + n_test / ed) + per_job
     prune = 0.0
     for spec in s.ratios:
@@ -372,7 +373,7 @@ def plateau(curve: list[dict[str, float]], tail: int = 3, tol: float = 0.3) -> d
 
 
 def run_prune(s: Settings, spec: str, method: str, seed: int, base_file: Path, work: Path, resume: bool,
-              track: list[str], extra_iters: int = 0, n_train: int = 0) -> dict[str, Any]:
+              track: list[str], extra_iters: int = 0, n_train: int = 0, loaders: tuple | None = None) -> dict[str, Any]:
     lib_method = "l1" if method == "l1+extra" else method
     ft_epochs = s.ft_epochs
     ft_schedule = s.ft_schedule
@@ -394,6 +395,7 @@ def run_prune(s: Settings, spec: str, method: str, seed: int, base_file: Path, w
     curve = [r["test_top1"] for r in E.read_metrics(path / E.METRICS_FILE)
              if r.get("phase") == "finetune" and r.get("kind") == "epoch" and "test_top1" in r]
     final = float(rep["rows"][1]["top1"])
+    recal = _recalibrated(s, path, lib_method, loaders) if loaders is not None else {}
     status = reg.get("status") or {}
     row = {
         "ratio_spec": spec, "method": method, "seed": seed,
@@ -401,6 +403,7 @@ def run_prune(s: Settings, spec: str, method: str, seed: int, base_file: Path, w
         "ft_curve": curve,
         "before_ft_top1": (rep.get("pruned_before_finetune") or {}).get("top1"),
         "after_reg_top1": (reg.get("eval") or {}).get("top1"),
+        "before_ft_top1_bn_recal": recal.get("before_ft"), "after_reg_top1_bn_recal": recal.get("after_reg"),
         "macs_speedup": rep["macs_speedup"], "latency_speedup_b1": rep["latency_speedup_b1"],
         "latency_speedup_b64": rep["latency_speedup_b64"],
         "dense_MMACs": rep["rows"][0]["MMACs"], "pruned_MMACs": rep["rows"][1]["MMACs"],
@@ -412,6 +415,29 @@ def run_prune(s: Settings, spec: str, method: str, seed: int, base_file: Path, w
         "extra_iters": extra_iters, "wall_s": round(clock(), 1), "run_dir": str(path),
     }
     return row
+
+
+def _recalibrated(s: Settings, path: Path, method: str, loaders: tuple) -> dict[str, float]:
+    """BN-recalibrated test top-1 of the model right after removal (and, for GReg, right after regularizing).
+
+    The pipeline evaluates those models with the BatchNorm statistics they carry; after a removal, or after
+    a penalty has changed filter scales quickly, those statistics are stale and the accuracy shown can be
+    near chance although the weights are fine. Re-estimating the statistics (no training) tells the two apart.
+    """
+    from regprune.surgery import load_model
+
+    train_loader, test_loader = loaders
+    out = {}
+    for key, name in (("before_ft", "pruned_init.safetensors"), ("after_reg", "regularized.safetensors")):
+        f = path / name
+        if f.exists() and (key == "before_ft" or method != "l1"):
+            model, _ = load_model(f)
+            out[key] = round(common.bn_recalibrated_top1(model, train_loader, test_loader, device=_device(s)), 2)
+    return out
+
+
+def _device(s: Settings) -> str:
+    return "cpu" if str(s.device).startswith("cpu") else str(s.device)
 
 
 def _slug(spec: str) -> str:
@@ -442,9 +468,12 @@ def summarize(rows: list[dict[str, Any]], s: Settings) -> tuple[list[dict], list
             m, sd = mean_std([r["top1"] for r in rs])
             bm, bsd = mean_std([r["best_top1"] for r in rs])
             pm, _ = mean_std([r["before_ft_top1"] for r in rs])
+            pr = _mean_or_none([r.get("before_ft_top1_bn_recal") for r in rs])
+            ar = _mean_or_none([r.get("after_reg_top1_bn_recal") for r in rs])
             groups.append({"ratio_spec": spec, "method": method, "n_seeds": len(rs), "seeds": [r["seed"] for r in rs],
                            "top1_mean": m, "top1_std": sd, "top1_values": [r["top1"] for r in rs],
-                           "best_top1_mean": bm, "best_top1_std": bsd, "before_ft_top1_mean": pm,
+                           "best_top1_mean": bm, "best_top1_std": bsd, "before_ft_top1_mean": pm, "before_ft_top1_bn_recal_mean": pr,
+                           "after_reg_top1_bn_recal_mean": ar,
                            "macs_speedup": rs[0]["macs_speedup"],
                            "latency_speedup_b64_mean": mean_std([r["latency_speedup_b64"] for r in rs])[0],
                            "reg_iters_mean": mean_std([r["reg_iters"] for r in rs])[0],
@@ -466,6 +495,15 @@ def summarize(rows: list[dict[str, Any]], s: Settings) -> tuple[list[dict], list
                           "paired_deltas": paired,
                           "paired_same_sign": bool(paired) and (all(d > 0 for d in paired) or all(d < 0 for d in paired))})
     return groups, comps
+
+
+def _mean_or_none(values: list) -> float | None:
+    vals = [v for v in values if v is not None]
+    return mean_std(vals)[0] if vals else None
+
+
+def _opt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
 
 
 def verdict(c: dict[str, Any]) -> str:
@@ -500,19 +538,24 @@ def markdown(result: dict[str, Any]) -> str:
         f"- Seeds: {s['seeds']} per method (they vary data order and augmentation in regularization and "
         f"fine-tuning; L1's picks are deterministic). Top-1 is the final epoch's accuracy on the test images "
         f"(`best` is the best epoch's, which selects on the test set as the paper's code does).",
+        "- 'before fine-tuning' is the pipeline's evaluation of the model right after removal, with the "
+        "BatchNorm statistics it carries; in parentheses, the same weights after re-estimating BN statistics on "
+        "training batches (a diagnostic that no method uses: it separates real damage from stale statistics). "
+        "'after reg.' is the dense model at the end of GReg's regularization, BN re-estimated.",
         f"- Hardware: {hw.get('processor')} ({hw.get('cpus_usable')} usable cores, {hw.get('torch_threads')} torch "
         f"threads), torch {hw.get('torch')}, device {hw.get('device')}; load average at start "
         f"{hw.get('loadavg_1_5_15')}. Wall time {result['wall_time_s'] / 60:.1f} min.",
         "",
-        "| method | ratios | MACs speedup | top-1 % (mean ± std) | per seed | best-epoch top-1 | before fine-tuning | reg. iters | ft epochs |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | ratios | MACs speedup | top-1 % (mean ± std) | per seed | best-epoch top-1 | before fine-tuning (BN re-estimated) | after reg., BN re-estimated | reg. iters | ft epochs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for g in result["summary"]:
         lines.append(
             f"| {g['method']} | `{g['ratio_spec']}` | {g['macs_speedup']:.2f}x | {fmt_pm(g['top1_mean'], g['top1_std'])} | "
             f"{', '.join(f'{v:.2f}' for v in g['top1_values'])} | {fmt_pm(g['best_top1_mean'], g['best_top1_std'])} | "
-            f"{g['before_ft_top1_mean']:.2f} | {g['reg_iters_mean']:.0f} | {g['ft_epochs_mean']:.2f} |")
-    lines.append(f"| dense base | - | 1.00x | {base['top1']:.2f} | - | - | - | - | {s['base_epochs']:g} (training) |")
+            f"{g['before_ft_top1_mean']:.2f} ({_opt(g['before_ft_top1_bn_recal_mean'])}) | "
+            f"{_opt(g['after_reg_top1_bn_recal_mean'])} | {g['reg_iters_mean']:.0f} | {g['ft_epochs_mean']:.2f} |")
+    lines.append(f"| dense base | - | 1.00x | {base['top1']:.2f} | - | - | - | - | - | {s['base_epochs']:g} (training) |")
     lines += ["", "Differences (mean of a − mean of b, in top-1 points; spread = std a + std b; "
               "'exceeds' means the ±1 std intervals do not overlap):", "",
               "| ratios | a vs b | Δ mean | spread | Δ per seed (paired) | exceeds the seed spread? |",
@@ -653,6 +696,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"plateau check: {base['plateau']}")
 
     # 2. every ratio x seed x method, GReg first so that l1+extra knows how many iterations to add
+    from regprune.data import load_data, make_loaders
+
+    bundle = load_data(DATA, limit_train=o_base.limit_train, limit_test=o_base.limit_test)
+    loaders = make_loaders(bundle, s.batch_size, seed=12345)  # for the BN re-estimation diagnostic only
     rows: list[dict[str, Any]] = []
     greg_cfgs: dict[str, dict] = {}
     fig_runs: dict[str, Path] = {}
@@ -669,11 +716,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 extra = max(seed_rows["greg1"]["reg_iters"], seed_rows["greg2"]["reg_iters"]) if method == "l1+extra" else 0
                 log(f"{spec} seed {seed}: {method}" + (f" (+{extra} iterations of fine-tuning)" if extra else ""))
                 row = run_prune(s, spec, method, seed, base_path / "model.safetensors", work, args.resume, track,
-                                extra_iters=extra, n_train=n_train)
+                                extra_iters=extra, n_train=n_train, loaders=loaders)
                 seed_rows[method] = row
                 rows.append(row)
-                log(f"    top-1 {row['top1']:.2f}% (before fine-tuning {row['before_ft_top1']:.2f}%"
-                    + (f", after {row['reg_iters']} reg. iterations {row['after_reg_top1']:.2f}%, "
+                log(f"    top-1 {row['top1']:.2f}% (before fine-tuning {row['before_ft_top1']:.2f}%, "
+                    f"{row['before_ft_top1_bn_recal']}% with BN statistics re-estimated"
+                    + (f", after {row['reg_iters']} reg. iterations {row['after_reg_top1']:.2f}% "
+                       f"({row['after_reg_top1_bn_recal']}% BN re-estimated), "
                        f"stop: {row['reg_stop_reason']}" if method.startswith("greg") else "")
                     + f"), MACs speedup {row['macs_speedup']:.2f}x, {row['wall_s']:.0f} s; elapsed {clock() / 60:.1f} min")
             if spec == s.ratios[-1] and seed == 0:

@@ -524,10 +524,11 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [
         f"- Model: {s['model']} (1-channel input, option-A shortcuts); data: {data}.",
         f"- Base: trained once (seed {s['base_seed']}), {s['base_epochs']:g} epochs, lr {s['base_lr']:g} "
-        f"{s['base_schedule']}, batch {s['batch_size']}: **top-1 {base['top1']:.2f}%**. Test accuracy over the "
-        f"last {pl.get('tail_epochs', '?')} epochs rose by {pl.get('gain_last_epochs')} points over the best "
-        f"before them: {'plateaued' if pl['plateaued'] else 'NOT yet plateaued'} "
-        f"(tolerance {pl.get('tolerance', '?')} points).",
+        f"{s['base_schedule']}, batch {s['batch_size']}: **top-1 {base['top1']:.2f}%**. "
+        + (f"Best test accuracy of the last {pl['tail_epochs']} epochs minus the best before them: "
+           f"{pl['gain_last_epochs']:+.2f} points: {'plateaued' if pl['plateaued'] else 'NOT yet plateaued'} "
+           f"(tolerance {pl['tolerance']} points)." if pl.get("gain_last_epochs") is not None
+           else f"Too few epochs to judge a plateau ({pl.get('reason')})."),
         f"- Fine-tuning, identical for l1 / greg1 / greg2: {s['ft_epochs']:g} epochs, lr {s['ft_lr']:g} "
         f"{s['ft_schedule']}, warm-up {s['ft_warmup_epochs']:g} epochs. l1+extra: the same schedule stretched by "
         f"the iterations GReg spent regularizing (the larger of GReg-1's and GReg-2's, per seed).",
@@ -653,6 +654,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = (args.work_dir or HERE / "work" / s.scale).resolve()
     out_dir = args.out_dir.resolve()
 
+    previous = work / "settings.json"
+    if args.resume and previous.exists() and s.limit_train == "auto":
+        # keep the subset the interrupted run chose; a new measurement could pick another
+        old = json.loads(previous.read_text())
+        s.limit_train, s.limit_test = old.get("limit_train"), old.get("limit_test")
     plan: dict[str, Any] = {"greg_configs": {m: greg_overrides(m, s, ["<tracked>"]) for m in ("greg1", "greg2")}}
     on_cpu = str(s.device).startswith("cpu")
     if on_cpu and (s.limit_train == "auto" or s.threads == 0):
@@ -744,7 +750,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"greg_vs_l1_{s.scale}"
-    fig_path = separation_plot(out_dir / f"{stem}_separation.png", fig_runs, fig_layer) if fig_runs else None
+    fig_path = None
+    try:
+        fig_path = separation_plot(out_dir / f"{stem}_separation.png", fig_runs, fig_layer) if fig_runs else None
+    except Exception as exc:  # a plotting failure must not lose an hour of results
+        log(f"WARNING: the separation plot failed ({type(exc).__name__}: {exc}); the run dirs have the pipeline's plots")
     result = {
         "benchmark": "greg_vs_l1", "scale": s.scale, "argv": sys.argv[1:] if argv is None else list(argv),
         "started": started, "wall_time_s": round(clock(), 1), "hardware": hardware,

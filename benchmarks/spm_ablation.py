@@ -307,6 +307,23 @@ def _spm_trajectory(run_path: Path) -> list[dict[str, Any]]:
              "kept": r.get("kept")} for r in recs if r.get("kind") == "spm"]
 
 
+def plateau(curve: list[dict[str, float]], tail: int = 3, tol: float = 0.3) -> dict[str, Any]:
+    """Had test accuracy stopped rising? Best of the last `tail` epochs against the best before them."""
+    accs = [c["test_top1"] for c in curve]
+    if len(accs) <= tail:
+        return {"plateaued": False, "gain_last_epochs": None, "tail_epochs": tail, "tolerance": tol}
+    gain = max(accs[-tail:]) - max(accs[:-tail])
+    return {"plateaued": gain <= tol, "gain_last_epochs": round(gain, 3), "tail_epochs": tail, "tolerance": tol}
+
+
+def spm_groups(s: Settings) -> dict[str, dict[str, Any]]:
+    """Channels of every gated group of the model, and whether it is shared across a residual stream (SPM)."""
+    from regprune.methods.spm import insert_gates
+
+    gates = insert_gates(_fresh(s.model), torch.zeros(1, *INPUT_SHAPE))
+    return {r: {"channels": gates.groups[r].channels, "shared": bool(gates.groups[r].coupled)} for r in gates.roots}
+
+
 def _cached(path: Path, resume: bool) -> dict[str, Any] | None:
     f = path / "row.json"
     if resume and f.is_file():
@@ -415,6 +432,7 @@ def run_dense(s: Settings, seed: int, path: Path, resume: bool) -> dict[str, Any
     row = {"variant": "dense", "seed": seed, "top1": float(r["top1"]), "top5": r.get("top5"), "macs_fraction": 1.0,
            "params_M": r["params_M"], "MMACs": r["MMACs"], "dense_params_M": r["params_M"], "dense_MMACs": r["MMACs"],
            "epochs": {"train": s.epochs, "total": s.epochs}, "curve": _curve(path, "train"),
+           "plateau": plateau(_curve(path, "train")),
            "wall_s": round(clock(), 1), "run_dir": str(path), "model_file": str(path / "model.safetensors")}
     write_json(path / "row.json", row)
     return row
@@ -460,6 +478,7 @@ def summarize(rows: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
         if v.startswith("spm"):
             g["search_macs_fraction_mean"] = mean_std([r["search_macs_fraction"] for r in rs
                                                        if r["search_macs_fraction"] is not None] or [float("nan")])[0]
+            g["search_macs_fraction_values"] = [r["search_macs_fraction"] for r in rs]
             g["gated_top1_mean"] = mean_std([r["gated_top1"] for r in rs])[0]
             g["reconfig_max_abs_diff_max"] = max(r["reconfig_max_abs_diff"] for r in rs)
         if v == "l1":
@@ -500,10 +519,11 @@ def _epochs_text(g: dict[str, Any]) -> str:
 
 def _notes_cell(g: dict[str, Any]) -> str:
     if g["variant"].startswith("spm"):
-        return (f"search ended at {g['search_macs_fraction_mean']:.3f} of dense MACs before the S_max snap; "
+        ends = ", ".join("?" if x is None else f"{x:.3f}" for x in g.get("search_macs_fraction_values", []))
+        return (f"the search itself ended at {ends} of dense MACs (per seed) before the S_max snap; "
                 f"reconfiguration max abs diff {g['reconfig_max_abs_diff_max']:.1e}")
     if g["variant"] == "l1":
-        return f"top-1 right after removal {g['before_ft_top1_mean']:.2f}"
+        return f"top-1 right after removal, before fine-tuning: {g['before_ft_top1_mean']:.2f} (mean)"
     return "-"
 
 
@@ -539,7 +559,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"- Hardware: {hw.get('processor')} ({hw.get('cpus_usable')} usable cores, {hw.get('torch_threads')} torch "
         f"threads), torch {hw.get('torch')}, device {hw.get('device')}"
         + (f", GPU {hw['gpu']}" if hw.get("gpu") else "")
-        + f"; load average at start {hw.get('loadavg_1_5_15')}. Wall time {result['wall_time_s'] / 60:.1f} min.",
+        + f"; load average at start {hw.get('loadavg_1_5_15')}. Wall time {result['wall_time_s'] / 60:.1f} min"
+        + (f" (this invocation reused finished jobs with --resume; the {len(result['results'])} jobs took "
+           f"{result['jobs_wall_s'] / 60:.1f} min when they ran)" if result.get("resumed") else "") + ".",
         "",
         "| variant | training epochs | MACs fraction (mean ± std) | params M (dense " + f"{result['summary'][0]['dense_params_M']:.4f})"
         + " | top-1 % (mean ± std) | per seed | notes |",
@@ -558,6 +580,16 @@ def markdown(result: dict[str, Any]) -> str:
     for c in result["comparisons"]:
         lines.append(f"| {c['a']} vs {c['b']} | {c['delta_mean']:+.2f} | {c['spread']:.2f} | "
                      f"{', '.join(f'{x:+.2f}' for x in c['paired_deltas'])} | {verdict(c)} |")
+    groups = result.get("spm_groups") or {}
+    spm_rows = [r for r in result["results"] if r["variant"].startswith("spm") and r.get("kept_widths")]
+    if groups and spm_rows:
+        lines += ["", "Channels the SPM runs kept per gated group (of the dense count in the header; * = one gate "
+                  "shared by a whole residual stream):", "",
+                  "| run | " + " | ".join(f"{r}{'*' if g['shared'] else ''} ({g['channels']})" for r, g in groups.items())
+                  + " |", "|---|" + "---|" * len(groups)]
+        for r in spm_rows:
+            lines.append(f"| {r['variant']} s{r['seed']} | "
+                         + " | ".join(str(r["kept_widths"].get(g, "-")) for g in groups) + " |")
     if result.get("plot"):
         lines += ["", f"Figure: `{Path(result['plot']).name}`: top-1 against the achieved MACs fraction, mean ± std "
                   "over seeds per variant (per-seed points faint)."]
@@ -595,7 +627,7 @@ def accuracy_plot(path: Path, rows: list[dict[str, Any]], groups: list[dict[str,
     return path
 
 
-def make_notes(groups: list[dict], comps: list[dict], s: Settings) -> list[str]:
+def make_notes(groups: list[dict], comps: list[dict], s: Settings, rows: list[dict]) -> list[str]:
     by = {g["variant"]: g for g in groups}
     notes = []
     for c in comps:
@@ -608,6 +640,15 @@ def make_notes(groups: list[dict], comps: list[dict], s: Settings) -> list[str]:
             notes.append(f"{v}: the search alone ended at {g['search_macs_fraction_mean']:.3f} of dense MACs on "
                          f"average (target {s.target_macs:g}); the budget snap at S_max moved the least decided gates "
                          "the rest of the way.")
+    plats = [plateau(r["curve"]) for r in rows if r["variant"] == "dense"]
+    if plats:
+        flat = sum(bool(p["plateaued"]) for p in plats)
+        gains = ", ".join(f"{p['gain_last_epochs']:+.1f}" if p["gain_last_epochs"] is not None else "n/a"
+                          for p in plats)
+        notes.append(f"Dense bases: test accuracy had plateaued (best of the last 3 epochs within 0.3 points of the "
+                     f"best before them) on {flat} of {len(plats)} seeds (gains over the last 3 epochs: {gains}); "
+                     + ("longer training would raise every variant, and may change the gaps." if flat < len(plats)
+                        else "the schedule is long enough for the dense model."))
     if "l1" in by and "dense" in by:
         notes.append(f"L1 trains {s.ft_epochs:g} epochs more than the scratch runs in total "
                      f"({by['l1']['epochs_total']:g} vs {s.epochs:g}); its dense bases reach "
@@ -696,8 +737,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "data": {"spec": DATA, "train_images": n_train, "test_images": n_test,
                  "subset": n_train < FASHION_TRAIN or n_test < FASHION_TEST},
         "results": rows, "summary": groups, "comparisons": comps, "plot": str(fig), "work_dir": str(work),
-        "workarounds": [SNAP_WORKAROUND],
-        "notes": make_notes(groups, comps, s) + [workaround_note(rows)],
+        "workarounds": [SNAP_WORKAROUND], "spm_groups": spm_groups(s), "resumed": bool(args.resume),
+        "jobs_wall_s": round(sum(r["wall_s"] for r in rows), 1),
+        "notes": make_notes(groups, comps, s, rows) + [workaround_note(rows)],
     }
     write_json(out_dir / f"{stem}.json", result)
     (out_dir / f"{stem}.md").write_text(markdown(result))

@@ -1,6 +1,6 @@
 """A catalogue of bad inputs to the `regprune` command line.
 
-Every case runs the real CLI in a subprocess and must end the same way: exactly one line on stderr, starting
+Every case runs the real CLI (in-process through `main()`; a sample also in a subprocess) and must end the same way: exactly one line on stderr, starting
 `regprune: error:`, exit status 2, no traceback, every file that existed before left byte-for-byte (and
 mtime-for-mtime) as it was, and nothing created outside the run directory the case named. Cases caught from
 the options alone must not even create that run directory. Hostile files (pickles with a payload, a YAML
@@ -25,10 +25,35 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str | os.PathLike, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    return subprocess.run([sys.executable, "-m", "regprune", *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+def run_cli(*args: str | os.PathLike, timeout: float = 300, subprocess_run: bool = False) -> subprocess.CompletedProcess:
+    """Run the CLI; in-process by default (the same `main()` the console script calls, without paying a
+    torch import per case), in a real subprocess when asked or when REGPRUNE_TEST_SUBPROCESS=1."""
+    argv = [str(a) for a in args]
+    if subprocess_run or os.environ.get("REGPRUNE_TEST_SUBPROCESS") == "1":
+        env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+        return subprocess.run([sys.executable, "-m", "regprune", *argv], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    import contextlib
+    import io
+    import traceback
+
+    from regprune.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:  # an escaped exception is what a user would see as a traceback
+                traceback.print_exc(file=err)
+                code = 1
+    finally:
+        os.chdir(cwd)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def snapshot(*roots: Path) -> dict[str, tuple]:
@@ -235,8 +260,20 @@ CASES: dict[str, Case] = {
 }
 
 
+SUBPROCESS_SAMPLE = [n for n in CASES if any(k in n for k in ("pickle", "exists", "yaml", "recipe"))][:4]
+
+
+@pytest.mark.parametrize("name", SUBPROCESS_SAMPLE)
+def test_bad_input_in_a_real_process(name, assets, tmp_path):
+    _check_case(name, assets, tmp_path, subprocess_run=True)
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_fails_cleanly(name, assets, tmp_path):
+    _check_case(name, assets, tmp_path)
+
+
+def _check_case(name, assets, tmp_path, subprocess_run: bool = False):
     case = CASES[name]
     if case.setup is not None:
         case.setup(tmp_path)
@@ -245,7 +282,7 @@ def test_bad_input_fails_cleanly(name, assets, tmp_path):
     out = outs[-1] if outs else None
     before = snapshot(assets, tmp_path)
 
-    proc = run_cli(*argv)
+    proc = run_cli(*argv, subprocess_run=subprocess_run)
 
     assert "Traceback" not in proc.stderr, proc.stderr
     lines = proc.stderr.splitlines()

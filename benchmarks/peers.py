@@ -15,9 +15,11 @@ that one base is pruned eight ways and fine-tuned with exactly the same settings
 
 Torch-Pruning is driven as its documentation and benchmark recipe do: `pruner.update_regularizer()`, then
 `pruner.regularize(model)` after every backward (and `update_reg()` for GrowingRegPruner) for as many iterations
-as GReg's regularization budget, with weight decay off as in TP's recipe and TP's own coefficients; then
-progressive `pruner.step()` with `pruning_ratio=1.0` and many `iterative_steps` until the MACs (regprune's
-counter: conv + linear) reach the target. Every method's achieved MACs are reported.
+as GReg's regularization budget, with weight decay off as in TP's recipe and TP's own coefficients; then one
+`pruner.step()`. The MACs are matched through TP's own ratio API: a `pruning_ratio_dict` giving each group the
+channel count of regprune's plan for the target (so every block-internal method ends with identical widths),
+or, with `--tp-scope all`, a uniform `pruning_ratio` found by bisection. Every job's achieved MACs (regprune's
+counter: conv + linear) are reported.
 
 Scope: regprune's L1/GReg prune the papers' ResNet scope (each block's first conv; residual streams, stem and
 classifier kept). Torch-Pruning is restricted to the same groups by default (`--tp-scope regprune`) so that
@@ -64,11 +66,12 @@ from regprune.counting import count_macs, count_params  # noqa: E402
 from regprune.data import load_data, make_loaders  # noqa: E402
 from regprune.errors import UserError  # noqa: E402
 from regprune.graph import CUSTOM_PRUNERS, analyze  # noqa: E402
+from regprune.ratios import make_plan  # noqa: E402
 from regprune.methods.greg import GRegConfig  # noqa: E402
 from regprune.methods.spm import SPMRegularizer, insert_gates, reconfigure  # noqa: E402
 from regprune.models import create_model  # noqa: E402
 from regprune.report import format_table  # noqa: E402
-from regprune.scratch import snap_to_budget, spm_settings  # noqa: E402
+from regprune.scratch import spm_settings  # noqa: E402
 from regprune.surgery import load_model, save_model  # noqa: E402
 
 __all__ = ["main", "Settings", "SCALES", "METHODS", "TP_METHODS"]
@@ -107,7 +110,6 @@ class Settings:
     methods: list[str]
     tp_reg: float = 5e-4        # TP's benchmark recipe (benchmarks/main.py --reg)
     tp_delta_reg: float = 1e-4  # TP's recipe for GrowingRegPruner (--delta_reg)
-    tp_steps: int = 400         # TP's recipe: progressive pruning with 400 iterative steps
     tp_reg_updates: int = 10    # GrowingRegPruner.update_reg() calls spread over the sparse phase
     tp_scope: str = "regprune"
     weight_decay: float = 5e-4
@@ -121,9 +123,9 @@ class Settings:
 _COMMON = dict(model="resnet20", targets=[0.5, 0.25, 0.125], methods=list(METHODS), ft_schedule="cosine")
 SCALES: dict[str, Settings] = {
     # seconds per job: checks that every path runs and writes finite numbers; the numbers mean nothing
-    "smoke": Settings(scale="smoke", limit_train=96, limit_test=64, batch_size=16, base_epochs=1, base_lr=0.05,
-                      base_cycle_epochs=1, base_cycle_lr=0.01, base_max_cycles=0, plateau_tol=0.3, reg_iters=4,
-                      reg_lr=0.01, ft_epochs=0.5, ft_lr=0.01, seeds=1, tp_steps=100, threads=1,
+    "smoke": Settings(scale="smoke", limit_train=64, limit_test=48, batch_size=16, base_epochs=1, base_lr=0.05,
+                      base_cycle_epochs=1, base_cycle_lr=0.01, base_max_cycles=0, plateau_tol=0.3, reg_iters=3,
+                      reg_lr=0.01, ft_epochs=0.5, ft_lr=0.01, seeds=1, threads=1,
                       **{**_COMMON, "targets": [0.5, 0.125]}),
     # a subset sized for a 2-core CPU: still many hours (run --dry-run for the estimate on your machine)
     "cpu": Settings(scale="cpu", limit_train=10000, limit_test=5000, batch_size=64, base_epochs=15, base_lr=0.1,
@@ -282,51 +284,79 @@ class TPSparseHook:
             self.updates += 1
 
 
-def _scope_layers(model: nn.Module, x: torch.Tensor) -> tuple[set[str], set[str]]:
-    """Conv roots and BatchNorms of the groups regprune's default scope prunes."""
-    graph = analyze(model, x)
-    roots = {g.root for g in graph.scope()}
-    bns = {m.name for g in graph.scope() for m in g.members if "BatchNorm" in m.kind}
-    return roots, bns
-
-
-def _bn_scale(model: nn.Module, names: set[str] | None) -> float:
+def _bn_scale(model: nn.Module, names: set[str]) -> float:
+    """Mean |gamma| of the BatchNorms a TP pruner may prune: shows whether its sparse training did anything."""
     vals = [m.weight.detach().abs().mean().item() for n, m in model.named_modules()
-            if isinstance(m, nn.BatchNorm2d) and (names is None or n in names)]
+            if isinstance(m, nn.BatchNorm2d) and n in names]
     return statistics.fmean(vals) if vals else float("nan")
 
 
-def tp_pruner(method: str, model: nn.Module, x: torch.Tensor, s: Settings):
-    """The Torch-Pruning pruner for `method`, built as TP's CIFAR recipe builds it; returns (pruner, scope BNs)."""
+def tp_ratios(model: nn.Module, x: torch.Tensor, target: float, s: Settings) -> tuple[dict, float, list]:
+    """(pruning_ratio_dict, pruning_ratio, ignored_layers) that bring Torch-Pruning to `target` MACs.
+
+    Scope "regprune": the per-group channel counts of regprune's own plan for the target, handed to TP as
+    `pruning_ratio_dict`, so TP's model has exactly the widths of regprune's L1/GReg models (the comparison is
+    of which channels go and how the network was prepared, not of architecture). Scope "all": TP's default
+    scope (all groups but the classifier) with one uniform `pruning_ratio`, found by bisection on copies (with
+    local pruning the widths do not depend on the weights, so the copies give the real model's MACs).
+    """
     if s.tp_scope == "regprune":
-        roots, bns = _scope_layers(model, x)
+        graph = analyze(model, x)
+        plan = make_plan(graph, target_macs=target)
+        roots = set(plan.removal)
+        scope_bns = {m.name for r in roots for m in graph.groups[r].members if "BatchNorm" in m.kind}
+        # everything else is ignored: TP then neither prunes nor (BNScalePruner) penalises it
         ignored = [m for n, m in model.named_modules()
                    if (isinstance(m, (nn.Conv2d, nn.Linear)) and n not in roots)
-                   or (isinstance(m, nn.BatchNorm2d) and n not in bns)]
-    else:
-        bns = None
-        ignored = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == 10]
-    common_kw = dict(pruning_ratio=1.0, iterative_steps=s.tp_steps, ignored_layers=ignored,
-                     customized_pruners=CUSTOM_PRUNERS)
+                   or (isinstance(m, nn.BatchNorm2d) and n not in scope_bns)]
+        # TP keeps int(n * (1 - ratio)) channels: (k - 1e-6) / n removes exactly k whatever the float rounding
+        ratios = {model.get_submodule(r): (k - 1e-6) / graph.groups[r].channels for r, k in plan.removal.items()}
+        return ratios, 0.0, ignored
+    dense = count_macs(model, x)
+
+    def macs_at(r: float) -> float:
+        m = copy.deepcopy(model)
+        ign = [q for q in m.modules() if isinstance(q, nn.Linear)]
+        tp.pruner.MagnitudePruner(m, x, importance=tp.importance.GroupMagnitudeImportance(p=1), pruning_ratio=r,
+                                  ignored_layers=ign, customized_pruners=CUSTOM_PRUNERS).step()
+        return count_macs(m, x) / dense
+
+    lo, hi = 0.0, 0.95
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        if macs_at(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    # the side nearer the target
+    r = hi if abs(macs_at(hi) - target) <= abs(macs_at(lo) - target) else lo
+    return {}, r, [q for q in model.modules() if isinstance(q, nn.Linear)]
+
+
+def tp_pruner(method: str, model: nn.Module, x: torch.Tensor, target: float, s: Settings):
+    """The Torch-Pruning pruner for `method`, with the importance TP's CIFAR recipe pairs it with."""
+    ratio_dict, ratio, ignored = tp_ratios(model, x, target, s)
+    kw = dict(pruning_ratio=ratio, pruning_ratio_dict=ratio_dict or None, iterative_steps=1, ignored_layers=ignored,
+              customized_pruners=CUSTOM_PRUNERS)
     if method == "tp_magnitude":
-        p = tp.pruner.MagnitudePruner(model, x, importance=tp.importance.GroupMagnitudeImportance(p=1), **common_kw)
+        p = tp.pruner.MagnitudePruner(model, x, importance=tp.importance.GroupMagnitudeImportance(p=1), **kw)
     elif method == "tp_bnscale":
-        p = tp.pruner.BNScalePruner(model, x, importance=tp.importance.BNScaleImportance(), reg=s.tp_reg, **common_kw)
+        p = tp.pruner.BNScalePruner(model, x, importance=tp.importance.BNScaleImportance(), reg=s.tp_reg, **kw)
     elif method == "tp_groupnorm":
         p = tp.pruner.GroupNormPruner(model, x, importance=tp.importance.GroupMagnitudeImportance(p=2, normalizer="max"),
-                                      reg=s.tp_reg, **common_kw)
+                                      reg=s.tp_reg, **kw)
     elif method == "tp_growingreg":
         p = tp.pruner.GrowingRegPruner(model, x, importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                       reg=s.tp_reg, delta_reg=s.tp_delta_reg, **common_kw)
+                                       reg=s.tp_reg, delta_reg=s.tp_delta_reg, **kw)
     else:
         raise ValueError(method)
-    return p, bns
+    bns = {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and m not in ignored}
+    return p, bns, ratio
 
 
 def run_tp(method: str, model: nn.Module, x: torch.Tensor, target: float, s: Settings, loader, seed: int):
-    dense = count_macs(model, x)
-    pruner, bns = tp_pruner(method, model, x, s)
-    info: dict[str, Any] = {"reg_iters": 0}
+    pruner, bns, ratio = tp_pruner(method, model, x, target, s)
+    info: dict[str, Any] = {"reg_iters": 0, "tp_uniform_ratio": ratio if s.tp_scope == "all" else None}
     if method in SPARSE_TP:
         info["bn_scale_before"] = _bn_scale(model, bns)
         pruner.update_regularizer()
@@ -338,11 +368,7 @@ def run_tp(method: str, model: nn.Module, x: torch.Tensor, target: float, s: Set
         model.cpu()
         info.update(reg_iters=tr.step, bn_scale_after=_bn_scale(model, bns), reg_updates=hook.updates)
     model.eval()
-    steps = 0
-    while count_macs(model, x) > target * dense and steps < s.tp_steps:
-        pruner.step()
-        steps += 1
-    info["tp_steps_taken"] = steps
+    pruner.step()
     return model, info
 
 
@@ -360,6 +386,51 @@ def run_greg(method: str, model: nn.Module, x: torch.Tensor, target: float, s: S
     return reg.prune(), info
 
 
+def snap_once(reg: SPMRegularizer, tol: float = 0.01) -> tuple[float, float]:
+    """Bring the hard MACs to the budget by flipping the least decided gates in ONE direction, stopping at the
+    first crossing of the target and keeping whichever side of it is nearer.
+
+    regprune.scratch.snap_to_budget does the same but may flip the same gate off and on until its 100,000-step
+    cap when no single flip lands inside its tolerance band (seen here: ResNet-20, target 0.125, after a short
+    search, MACs alternating 0.1268 / 0.1234 around the band 0.12375-0.12625); this keeps its choice rule.
+    """
+    dense, target = reg.dense_macs, reg.target_macs
+    before = reg.current_macs() / dense
+    turn_off = before > target
+    if not turn_off and before >= target * (1 - tol):
+        return before, before
+    gates = {r: reg.gates.gate(r) for r in reg.gates.roots}
+    last, prev_frac = None, before
+    while True:
+        frac = reg.current_macs() / dense
+        if (turn_off and frac <= target) or (not turn_off and frac >= target):
+            if last is not None and abs(prev_frac - target) < abs(frac - target):
+                r, i, w_old = last  # the state before the crossing flip was nearer: undo that flip
+                with torch.no_grad():
+                    gates[r].weight[i] = w_old
+            break
+        best = None
+        for r, g in gates.items():
+            w = g.weight.detach()
+            on = g.hard().bool()
+            if w.numel() != on.numel():
+                continue
+            cand = on if turn_off else ~on
+            if (turn_off and int(on.sum()) <= max(1, g.min_on)) or not bool(cand.any()):
+                continue
+            dist = (w - g.threshold).abs().masked_fill(~cand, float("inf"))
+            i = int(dist.argmin())
+            if best is None or float(dist[i]) < best[0]:
+                best = (float(dist[i]), r, i)
+        if best is None:
+            break
+        _, r, i = best
+        last, prev_frac = (r, i, float(gates[r].weight[i].detach())), frac
+        with torch.no_grad():
+            gates[r].weight[i] = gates[r].threshold + (-0.01 if turn_off else 0.01)
+    return before, reg.current_macs() / dense
+
+
 def run_spm(model: nn.Module, x: torch.Tensor, target: float, s: Settings, loader, seed: int):
     gates = insert_gates(model, x)
     st = spm_settings(gates.graph.total_macs, 1.0, {"search_epochs": 1.0})
@@ -369,7 +440,7 @@ def run_spm(model: nn.Module, x: torch.Tensor, target: float, s: Settings, loade
     tr = E.Trainer(model, loader, None, tcfg, phase="search", hooks=[reg], extra_param_groups=reg.param_groups())
     tr.fit()
     model.cpu()  # before freezing: the fixed masks are made on the weights' device
-    before, after = snap_to_budget(reg)
+    before, after = snap_once(reg)
     reg.freeze()
     info = {"reg_iters": tr.step, "search_macs_fraction": before, "snapped_macs_fraction": after,
             "spm_settings": {k: v for k, v in st.items() if k != "search_epochs"}}
@@ -451,6 +522,7 @@ def plot(path: Path, summary: list[dict[str, Any]], base: dict[str, Any]) -> Pat
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (matplotlib.ticker below)
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
     markers = itertools.cycle("os^vD<>pP*")
@@ -462,7 +534,12 @@ def plot(path: Path, summary: list[dict[str, Any]], base: dict[str, Any]) -> Pat
         ax.errorbar([100 * g["macs_fraction"] for g in gs], [g["top1_mean"] for g in gs], yerr=[g["top1_std"] for g in gs],
                     label=method, marker=next(markers), linestyle=style, capsize=3)
     ax.axhline(base["top1"], color="gray", linestyle=":", label=f"dense base ({base['top1']:.2f})")
+    ax.plot([100.0], [base["top1"]], marker="*", color="black", markersize=10, linestyle="none")
     ax.set_xscale("log")
+    ticks = sorted({100.0} | {100 * g["target"] for g in summary})  # the targets; points sit at the achieved MACs
+    ax.set_xticks(ticks)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}%"))
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xlabel("MACs kept (% of dense, log scale)")
     ax.set_ylabel("test top-1 after fine-tuning (%), mean ± std over seeds")
     ax.set_title("ResNet-20 / Fashion-MNIST: regprune (solid) vs Torch-Pruning (dashed)")
@@ -482,7 +559,7 @@ def markdown(res: dict[str, Any]) -> str:
         lines += ["**Smoke scale: a few iterations on a hundred images. It checks that every path runs; its "
                   "accuracies say nothing about the methods.**", ""]
     lines += [f"Data: {res['data']['train']} training / {res['data']['test']} test images. Base: "
-              f"{base['epochs']} epochs ({base['stopped_because']}; plateaued: {base['plateaued']}), test top-1 "
+              f"{base['epochs']} epoch(s) ({base['stopped_because']}; plateaued: {base['plateaued']}), test top-1 "
               f"{base['top1']:.2f}, {base['macs'] / 1e6:.2f} MMACs, {base['params'] / 1e6:.3f} M params.", "",
               f"Every method: {s['reg_iters']} iterations of regularization / sparse training / gate search at lr "
               f"{s['reg_lr']:g} (none for l1 and tp_magnitude; GReg may stop earlier by its magnitude-ratio rule), "
@@ -547,10 +624,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     bundle = load_data(DATA, limit_train=s.limit_train, limit_test=s.limit_test)
     n_train, n_test = len(bundle.train), len(bundle.test)
     work = args.work_dir or HERE / "work" / f"peers_{s.scale}"
-    est = estimate(s, n_train, n_test)
-    log(f"peers {s.scale}: {n_train}/{n_test} images, targets {s.targets}, {s.seeds} seed(s), methods {', '.join(s.methods)}; "
-        f"{est['jobs']} jobs, estimated <= {est['hours_upper']:.2f} h at {est['train_img_s']:.0f} train img/s "
-        f"({s.threads} thread(s))")
+    # the estimate measures throughput for a few seconds: not worth it at smoke scale
+    est = estimate(s, n_train, n_test) if (args.dry_run or s.scale != "smoke") else None
+    log(f"peers {s.scale}: {n_train}/{n_test} images, targets {s.targets}, {s.seeds} seed(s), methods {', '.join(s.methods)}"
+        + (f"; {est['jobs']} jobs, estimated <= {est['hours_upper']:.2f} h at {est['train_img_s']:.0f} train img/s "
+           f"({s.threads} thread(s))" if est else ""))
     if args.dry_run:
         return {"settings": dataclasses.asdict(s), "estimate": est}
     work.mkdir(parents=True, exist_ok=True)

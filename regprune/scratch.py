@@ -58,11 +58,13 @@ def snap_to_budget(reg: SPMRegularizer, tol: float = 0.01) -> tuple[float, float
     before = reg.current_macs() / dense
     gates = {r: reg.gates.gate(r) for r in reg.gates.roots}
     thr = {r: g.threshold if hasattr(g, "threshold") else 0.5 for r, g in gates.items()}
+    # one direction only: flipping back and forth around a band narrower than one channel's MACs never ends
+    turn_off = before > target
+    previous: tuple[float, str, int, float] | None = None  # (fraction, root, index, old weight) of the last flip
+    frac = before
     for _ in range(100_000):
-        frac = reg.current_macs() / dense
-        if abs(frac - target) <= tol * target:
+        if abs(frac - target) <= tol * target or (frac <= target if turn_off else frac >= target):
             break
-        turn_off = frac > target
         best = None
         for r, g in gates.items():
             w = g.weight.detach()
@@ -81,8 +83,14 @@ def snap_to_budget(reg: SPMRegularizer, tol: float = 0.01) -> tuple[float, float
         if best is None:
             break
         _, r, i = best
+        previous = (frac, r, i, float(gates[r].weight.detach()[i]))
         with torch.no_grad():
             gates[r].weight[i] = thr[r] - 0.01 if turn_off else thr[r] + 0.01
+        frac = reg.current_macs() / dense
+    if previous is not None and abs(previous[0] - target) < abs(frac - target):
+        _, r, i, w_old = previous  # the last flip overshot by more than it gained: undo it
+        with torch.no_grad():
+            gates[r].weight[i] = w_old
     return before, reg.current_macs() / dense
 
 

@@ -26,7 +26,7 @@ import copy
 import dataclasses
 import json
 import math
-import shutil
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -497,6 +497,46 @@ def summarize(rows: list[dict[str, Any]], s: Settings) -> tuple[list[dict], list
     return groups, comps
 
 
+def diagnostic_notes(rows: list[dict[str, Any]], s: Settings) -> list[str]:
+    """What the GReg runs actually did: stop reasons, magnitude ratios reached, GReg-2's agreement with L1."""
+    notes = []
+    for spec in s.ratios:
+        for method in ("greg1", "greg2"):
+            rs = [r for r in rows if r["ratio_spec"] == spec and r["method"] == method]
+            if not rs:
+                continue
+            ratios = [v for r in rs for v in (r.get("reg_mag_ratio") or {}).values() if v is not None]
+            stops = sorted({str(r.get("reg_stop_reason")) for r in rs})
+            text = (f"`{spec}` {method}: {mean_std([r['reg_iters'] for r in rs])[0]:.0f} regularization iterations, "
+                    f"stopped by {', '.join(stops)}; kept/pruned magnitude ratio at the end "
+                    + (f"{min(ratios):.3g}-{max(ratios):.3g} across layers and seeds (the paper's rule aims at 1000)"
+                       if ratios else "not recorded"))
+            overlaps = [v for r in rs for v in (r.get("greg2_overlap_with_l1") or {}).values()]
+            if overlaps:
+                text += (f"; GReg-2's picks coincide with L1's for {100 * statistics.fmean(overlaps):.0f}% of the "
+                         "pruned filters")
+            notes.append(text + ".")
+    return notes
+
+
+def build_notes(rows: list[dict[str, Any]], s: Settings, base: dict[str, Any], comps: list[dict]) -> list[str]:
+    """The Markdown's notes: comparisons in words, what GReg did, and the caveats of this scale."""
+    notes = []
+    for c in comps:
+        notes.append(f"`{c['ratio_spec']}` {c['a']} vs {c['b']}: Δ {c['delta_mean']:+.2f} points, spread "
+                     f"{c['spread']:.2f}: {verdict(c)}"
+                     + ("; same sign on every seed" if c["paired_same_sign"] else "; sign differs between seeds"))
+    notes += diagnostic_notes(rows, s)
+    if not base["plateau"]["plateaued"]:
+        notes.append("The base had not plateaued by the 0.3-point rule within this scale's epoch budget; a "
+                     "better-trained base may change the gaps.")
+    if s.scale != "gpu":
+        notes.append("Small-scale caveat: the paper's 110k-iteration GReg schedule is compressed to "
+                     f"{s.reg_iters} iterations here (see the README's 'penalty levels'); fine-tuning is "
+                     f"{s.ft_epochs:g} epochs rather than 120.")
+    return notes
+
+
 def _mean_or_none(values: list) -> float | None:
     vals = [v for v in values if v is not None]
     return mean_std(vals)[0] if vals else None
@@ -538,7 +578,8 @@ def markdown(result: dict[str, Any]) -> str:
         f" it ends early when every layer's kept/pruned magnitude ratio reaches 1000.",
         f"- Seeds: {s['seeds']} per method (they vary data order and augmentation in regularization and "
         f"fine-tuning; L1's picks are deterministic). Top-1 is the final epoch's accuracy on the test images "
-        f"(`best` is the best epoch's, which selects on the test set as the paper's code does).",
+        f"(`best` is the best epoch's, which selects on the test set as the paper's code does; it is read from "
+        f"the run's metrics because the pipeline's own `best_top1` equals the final accuracy).",
         "- 'before fine-tuning' is the pipeline's evaluation of the model right after removal, with the "
         "BatchNorm statistics it carries; in parentheses, the same weights after re-estimating BN statistics on "
         "training batches (a diagnostic that no method uses: it separates real damage from stale statistics). "
@@ -735,18 +776,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 fig_runs = {m: Path(seed_rows[m]["run_dir"]) for m in ("greg1", "greg2")}
 
     groups, comps = summarize(rows, s)
-    notes = []
-    if not base["plateau"]["plateaued"]:
-        notes.append("The base had not plateaued within this scale's epoch budget; a better-trained base may "
-                     "change the gaps.")
-    for c in comps:
-        notes.append(f"`{c['ratio_spec']}` {c['a']} vs {c['b']}: Δ {c['delta_mean']:+.2f} points, spread "
-                     f"{c['spread']:.2f}: {verdict(c)}"
-                     + ("; same sign on every seed" if c["paired_same_sign"] else "; sign differs between seeds"))
-    if s.scale != "gpu":
-        notes.append("Small-scale caveat: the paper's 110k-iteration GReg schedule is compressed to "
-                     f"{s.reg_iters} iterations here (see the README's 'penalty levels'); fine-tuning is "
-                     f"{s.ft_epochs:g} epochs rather than 120.")
+    notes = build_notes(rows, s, base, comps)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"greg_vs_l1_{s.scale}"

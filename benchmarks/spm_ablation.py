@@ -17,6 +17,14 @@ the same weights), so per-seed differences are paired. Results: benchmarks/resul
     nice -n 10 python benchmarks/spm_ablation.py --scale cpu     # ResNet-20, ~20 min on 2 quiet CPU cores
     python benchmarks/spm_ablation.py --scale gpu                # ResNet-56, all data, --device cuda --amp
     python benchmarks/spm_ablation.py --scale gpu --dry-run      # print the plan only
+
+The cpu scale's default subset (2,000 / 1,000 images) is sized for a quiet machine; on a shared one pass e.g.
+`--limit-train 1000 --limit-test 500` (the plan prints an estimate from measured throughput before training).
+`--resume` reuses every finished job (each run directory's row.json) and re-renders the outputs.
+
+Library workaround: the S_max budget snap runs through `snap_to_budget_terminating` below, a copy of
+`regprune.scratch.snap_to_budget` that cannot toggle one gate forever (see SNAP_WORKAROUND); each SPM run
+records how many flips it undid (`snap` in the JSON).
 """
 
 from __future__ import annotations
@@ -46,7 +54,8 @@ from regprune.models import create_model  # noqa: E402
 from regprune.pipeline import JobOptions, RunDir, prune_job, prune_plan, train_job  # noqa: E402
 from regprune.scratch import scratch_dry_run, scratch_job, spm_settings  # noqa: E402
 
-__all__ = ["main", "Settings", "SCALES", "VARIANTS", "LABELS", "summarize", "markdown"]
+__all__ = ["main", "Settings", "SCALES", "VARIANTS", "LABELS", "COMPARISONS", "summarize", "markdown",
+           "snap_to_budget_terminating"]
 
 HERE = Path(__file__).resolve().parent
 DATA = "fashion-mnist"
@@ -529,7 +538,8 @@ def _notes_cell(g: dict[str, Any]) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
-    hw = result["hardware"]
+    first = result.get("first_invocation") or {}
+    hw = first.get("hardware") or result["hardware"]  # a --resume reports the machine the jobs first ran on
     d = result["data"]
     spm_s = result.get("spm_settings", {})
     lines = [f"# SPM ablation: pruning from scratch with / without the nuclear-norm loss, vs L1: {s['scale']} scale", ""]
@@ -559,9 +569,13 @@ def markdown(result: dict[str, Any]) -> str:
         f"- Hardware: {hw.get('processor')} ({hw.get('cpus_usable')} usable cores, {hw.get('torch_threads')} torch "
         f"threads), torch {hw.get('torch')}, device {hw.get('device')}"
         + (f", GPU {hw['gpu']}" if hw.get("gpu") else "")
-        + f"; load average at start {hw.get('loadavg_1_5_15')}. Wall time {result['wall_time_s'] / 60:.1f} min"
+        + f"; load average at start {hw.get('loadavg_1_5_15')}"
+        + (f" (first invocation, {first['started']})" if first.get("started") else "")
+        + f". Wall time {result['wall_time_s'] / 60:.1f} min"
         + (f" (this invocation reused finished jobs with --resume; the {len(result['results'])} jobs took "
-           f"{result['jobs_wall_s'] / 60:.1f} min when they ran)" if result.get("resumed") else "") + ".",
+           f"{result['jobs_wall_s'] / 60:.1f} min when they ran"
+           + (f", the first invocation {first['wall_time_s'] / 60:.1f} min in all" if first.get("wall_time_s") else "")
+           + ")" if result.get("resumed") else "") + ".",
         "",
         "| variant | training epochs | MACs fraction (mean ± std) | params M (dense " + f"{result['summary'][0]['dense_params_M']:.4f})"
         + " | top-1 % (mean ± std) | per seed | notes |",
@@ -599,27 +613,35 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def accuracy_plot(path: Path, rows: list[dict[str, Any]], groups: list[dict[str, Any]], target: float) -> Path:
-    """Top-1 against the achieved MACs fraction: mean ± std per variant (error bars), seeds as faint points."""
+    """Top-1 against the achieved MACs fraction: mean ± std per variant (error bars), seeds as faint points; the
+    left panel with the dense reference, the right one zoomed on the pruned variants around the target."""
     from regprune.report import _plt  # the library's headless matplotlib setup
 
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.6, 4.4), dpi=110)
+    fig, axes = plt.subplots(1, 2, figsize=(11.0, 4.4), dpi=110, gridspec_kw={"width_ratios": [1, 1.2]})
     colors = {"spm": "#1f77b4", "spm_no_nuc": "#ff7f0e", "l1": "#2ca02c", "dense": "#7f7f7f"}
     markers = {"spm": "o", "spm_no_nuc": "s", "l1": "^", "dense": "D"}
-    for g in groups:
-        v = g["variant"]
-        pts = [(r["macs_fraction"], r["top1"]) for r in rows if r["variant"] == v]
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=colors[v], marker=markers[v], alpha=0.3, s=18)
-        ax.errorbar(g["macs_fraction_mean"], g["top1_mean"], xerr=g["macs_fraction_std"], yerr=g["top1_std"],
-                    color=colors[v], marker=markers[v], markersize=7, capsize=4, linewidth=1.4,
-                    label=f"{v} ({g['epochs_total']:g} ep): {g['top1_mean']:.2f} ± {g['top1_std']:.2f}")
-    ax.axvline(target, color="gray", linestyle=":", linewidth=1)
-    ax.text(target, ax.get_ylim()[0], f" target {target:g}", va="bottom", fontsize=7, color="gray")
-    ax.set_xlabel("MACs kept (fraction of dense)")
-    ax.set_ylabel("test top-1 (%)")
-    ax.set_title("SPM ablation: accuracy vs MACs (mean ± std over seeds)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    for ax, zoom in zip(axes, (False, True)):
+        shown = [g for g in groups if not (zoom and g["variant"] == "dense")]
+        for g in shown:
+            v = g["variant"]
+            pts = [(r["macs_fraction"], r["top1"]) for r in rows if r["variant"] == v]
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=colors[v], marker=markers[v], alpha=0.35, s=20)
+            ax.errorbar(g["macs_fraction_mean"], g["top1_mean"], xerr=g["macs_fraction_std"], yerr=g["top1_std"],
+                        color=colors[v], marker=markers[v], markersize=7, capsize=4, linewidth=1.4,
+                        label=f"{v} ({g['epochs_total']:g} ep): {g['top1_mean']:.2f} ± {g['top1_std']:.2f}")
+        ax.axvline(target, color="gray", linestyle=":", linewidth=1)
+        ax.set_xlabel("MACs kept (fraction of dense)")
+        ax.set_ylabel("test top-1 (%)")
+        ax.grid(alpha=0.3)
+        if zoom:
+            xs = [r["macs_fraction"] for r in rows if r["variant"] != "dense"] + [target]
+            pad = max(0.01, (max(xs) - min(xs)) * 0.5)
+            ax.set_xlim(min(xs) - pad, max(xs) + pad)
+            ax.set_title(f"pruned variants near the target ({target:g}, dotted)", fontsize=9)
+            ax.legend(fontsize=7, loc="lower right")
+        else:
+            ax.set_title("SPM ablation: accuracy vs MACs (mean ± std over seeds)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -656,6 +678,20 @@ def make_notes(groups: list[dict], comps: list[dict], s: Settings, rows: list[di
     if s.scale != "gpu":
         notes.append("Small-scale caveat: a subset of Fashion-MNIST and a short schedule (the paper searches for 65 of "
                      "90 ImageNet epochs); differences of a point or less need more seeds or the gpu scale.")
+    return notes
+
+
+def collapse_notes(rows: list[dict[str, Any]], groups: dict[str, dict[str, Any]]) -> list[str]:
+    """Gated groups the SPM runs cut to (almost) nothing: a search that removed a whole residual stream."""
+    runs = [r for r in rows if r["variant"].startswith("spm") and r.get("kept_widths")]
+    notes = []
+    for root, g in groups.items():
+        low = [r for r in runs if r["kept_widths"].get(root, g["channels"]) <= max(1, g["channels"] // 16)]
+        if low:
+            notes.append(f"{'Residual-stream' if g['shared'] else 'Private'} group `{root}` ({g['channels']} channels) "
+                         f"was cut to {', '.join(str(r['kept_widths'][root]) for r in low)} channel(s) in {len(low)} of "
+                         f"{len(runs)} SPM runs (the gates of a group start tied at 0.6 and get the same MACs gradient, "
+                         "so they cross the threshold together; the per-epoch widths are in each run's metrics.jsonl).")
     return notes
 
 
@@ -703,6 +739,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise UserError(f"--resume: {settings_file} was written with other settings; rerun without --resume")
     write_json(settings_file, dataclasses.asdict(s))
     hardware = common.hardware_info(str(s.device))
+    info_file = work / "run_info.json"  # what the first invocation measured, kept for a later --resume
+    first = json.loads(info_file.read_text()) if args.resume and info_file.is_file() else None
+    if first is None:
+        write_json(info_file, {"started": started, "hardware": hardware, "plan": plan,
+                               "argv": sys.argv[1:] if argv is None else list(argv)})
 
     rows: list[dict[str, Any]] = []
     for seed in range(s.seeds):
@@ -725,6 +766,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"elapsed {clock() / 60:.1f} min")
 
     groups, comps = summarize(rows)
+    gate_groups = spm_groups(s)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"spm_ablation_{s.scale}"
     fig = accuracy_plot(out_dir / f"{stem}.png", rows, groups, s.target_macs)
@@ -737,11 +779,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "data": {"spec": DATA, "train_images": n_train, "test_images": n_test,
                  "subset": n_train < FASHION_TRAIN or n_test < FASHION_TEST},
         "results": rows, "summary": groups, "comparisons": comps, "plot": str(fig), "work_dir": str(work),
-        "workarounds": [SNAP_WORKAROUND], "spm_groups": spm_groups(s), "resumed": bool(args.resume),
+        "workarounds": [SNAP_WORKAROUND], "spm_groups": gate_groups, "resumed": bool(args.resume),
+        "first_invocation": first,
         "jobs_wall_s": round(sum(r["wall_s"] for r in rows), 1),
-        "notes": make_notes(groups, comps, s, rows) + [workaround_note(rows)],
+        "notes": make_notes(groups, comps, s, rows) + collapse_notes(rows, gate_groups) + [workaround_note(rows)],
     }
     write_json(out_dir / f"{stem}.json", result)
+    if first is None:
+        write_json(info_file, {**json.loads(info_file.read_text()), "wall_time_s": result["wall_time_s"]})
     (out_dir / f"{stem}.md").write_text(markdown(result))
     log(f"wrote {out_dir / (stem + '.md')}, {stem}.json, {stem}.png in {clock() / 60:.1f} min")
     print(markdown(result), flush=True)

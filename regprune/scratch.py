@@ -39,7 +39,7 @@ def spm_settings(dense_macs: int, epochs: float, extra: dict[str, Any]) -> dict[
         "mac_norm": mac_norm,
         "gate_lr_scale": float(extra.get("gate_lr_scale", 0.1 if mac_norm == "dense" else 1.0)),
         # the paper searches 65 of 90 epochs
-        "search_epochs": float(extra.get("search_epochs", math.floor(epochs * 65 / 90))),
+        "search_epochs": float(extra.get("search_epochs", epochs * 65 / 90)),
         "exact_budget": bool(extra.get("exact_budget", True)),
     }
     if not (0 < s["search_epochs"] <= epochs):

@@ -517,7 +517,7 @@ def prune_job(o: JobOptions, run: RunDir) -> dict[str, Any]:
         summary = trainer.fit(resume_from=run.checkpoint("finetune"))
         pruned.cpu()
         final = _eval(pruned, test_loader, o.device)
-        best = max([r.get("top1", 0.0) for r in trainer.metrics if "top1" in r] + [final["top1"]])
+        best = max([r["test_top1"] for r in trainer.metrics if "test_top1" in r] + [final["top1"]])
         if E.is_main():
             save_model(pruned, run.file("model.safetensors"),
                        {"method": o.method, "dataset": bundle.name, "top1": final["top1"], "ratios": plan.ratios,

@@ -6,9 +6,7 @@ Each job works in one run directory, records what it finished in `state.json`, a
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import hashlib
 import json
 import math
@@ -280,9 +278,7 @@ def _pretrained(o: JobOptions, bundle: DataBundle) -> nn.Module:
     tv_name = o.model.split(".", 1)[1]
     try:
         weights = tvm.get_model_weights(tv_name).DEFAULT
-        # torch.hub announces a download on stderr even when it then fails offline: keep the error one line
-        with contextlib.redirect_stderr(io.StringIO()):
-            model = tvm.get_model(tv_name, weights=weights)
+        model = tvm.get_model(tv_name, weights=weights)
     except Exception as exc:  # torchvision raises URLError/RuntimeError/OSError when offline without a cache
         raise UserError(f"cannot get torchvision's pretrained weights for {tv_name}: not in torch's cache "
                         f"({torch.hub.get_dir()}/checkpoints) and no network ({type(exc).__name__})") from None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -279,9 +278,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                                            "macs_share": round(g.macs_share, 5), "in_scope": g.in_scope,
                                            "reason": g.reason} for g in graph.groups.values()]}
         if plan is not None:
-            import copy
-
-            from .surgery import apply_picks, pruned_copy
+            from .surgery import pruned_copy
 
             pruned = pruned_copy(model, x, {r: list(range(k)) for r, k in plan.removal.items()}, bool(args.include_coupled))
             out.update(pruned_macs=plan.pruned_macs, speedup=round(plan.speedup, 4), pruned_params=count_params(pruned),
@@ -306,7 +303,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .pipeline import RunDir, check_options, train_job
+    from .pipeline import check_options, train_job
 
     o = _options(args, {"lr_schedule": "cosine", "epochs": 30, "out": "runs/base"})
     if not o.model:

@@ -9,10 +9,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -514,7 +513,7 @@ def prune_job(o: JobOptions, run: RunDir) -> dict[str, Any]:
         hooks = [keeper] if keeper is not None else []
         ft_loader = train_loader
         trainer = E.Trainer(pruned, ft_loader, test_loader, fcfg, run_dir=run.path, phase="finetune", hooks=hooks)
-        summary = trainer.fit(resume_from=run.checkpoint("finetune"))
+        trainer.fit(resume_from=run.checkpoint("finetune"))
         pruned.cpu()
         final = _eval(pruned, test_loader, o.device)
         best = max([r["test_top1"] for r in trainer.metrics if "test_top1" in r] + [final["top1"]])
@@ -533,7 +532,7 @@ def _report(o: JobOptions, run: RunDir, dense: nn.Module, pruned: nn.Module, x: 
             history: list[dict], picks: dict[str, list[int]] | None) -> dict[str, Any]:
     res = run.state["results"]
     lat1 = compare_latency({"dense": dense, "pruned": pruned}, x, repeats=20)
-    xb = x.expand(min(64, 64), *x.shape[1:]).contiguous()
+    xb = x.expand(64, *x.shape[1:]).contiguous()
     lat64 = compare_latency({"dense": dense, "pruned": pruned}, xb, repeats=5, warmup=1)
     rows = [summary_row("dense", dense, x, res.get("base")), summary_row(f"pruned ({o.method})", pruned, x, res.get("final"))]
     for r, lat_1, lat_64 in zip(rows, (lat1["dense"], lat1["pruned"]), (lat64["dense"], lat64["pruned"])):

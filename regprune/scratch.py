@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from typing import Any
 
 import torch
-import torch.nn as nn
 
 from . import engine as E
 from .counting import count_macs

@@ -397,7 +397,7 @@ def _bench_memory(args: argparse.Namespace, device: str, picks_file: str) -> dic
     for r in range(args.mem_repeats):
         for v in STEP_VARIANTS:
             step_runs[v].append(_spawn("step", v, args, device, []))
-        for v in PRUNE_VARIANTS:  # pruning runs on the CPU wherever the steps ran
+        for v in (() if args.cuda_only else PRUNE_VARIANTS):  # pruning runs on the CPU wherever the steps ran
             extra = ["--picks-file", picks_file] if v != "regprune" else []
             prune_runs[v].append(_spawn("prune", v, args, "cpu", extra))
         log(f"  memory round {r + 1}/{args.mem_repeats}: " + ", ".join(
@@ -415,8 +415,9 @@ def _bench_memory(args: argparse.Namespace, device: str, picks_file: str) -> dic
 
     out["steps"] = summarize(step_runs, "plain")
     out["steps_raw"] = step_runs
-    out["prune"] = summarize(prune_runs, "tp_direct")
-    out["prune_raw"] = prune_runs
+    if not args.cuda_only:
+        out["prune"] = summarize(prune_runs, "tp_direct")
+        out["prune_raw"] = prune_runs
     return out
 
 
@@ -443,37 +444,74 @@ def bench_latency(device: torch.device, image: int, ratios: str, amp: bool, chan
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
                                              enabled=amp):
             ms = compare_latency(models, x, repeats=repeats, warmup=3)
-        out["by_batch"][str(b)] = {"dense_ms": ms["dense"], "pruned_ms": ms["pruned"], "speedup": ms["dense"] / ms["pruned"]}
-        log(f"  latency {device.type} batch {b}: dense {ms['dense']:.2f} ms, pruned {ms['pruned']:.2f} ms")
+        row = {"dense_ms": ms["dense"], "pruned_ms": ms["pruned"], "speedup": ms["dense"] / ms["pruned"]}
+        if device.type == "cuda":
+            g = graph_latency(models, x, amp, repeats)
+            row.update(graph_dense_ms=g["dense"], graph_pruned_ms=g["pruned"], graph_speedup=g["dense"] / g["pruned"])
+        out["by_batch"][str(b)] = row
+        log(f"  latency {device.type} batch {b}: dense {ms['dense']:.2f} ms, pruned {ms['pruned']:.2f} ms"
+            + (f"; CUDA graph dense {row['graph_dense_ms']:.2f} ms, pruned {row['graph_pruned_ms']:.2f} ms"
+               if "graph_dense_ms" in row else ""))
     return out
+
+
+def graph_latency(models: dict[str, nn.Module], x: torch.Tensor, amp: bool, repeats: int) -> dict[str, float]:
+    """Median forward time (ms) of each model replayed as a captured CUDA graph (no per-kernel launch cost),
+    timed with CUDA events, models interleaved."""
+    graphs = {}
+    for k, m in models.items():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+            for _ in range(3):  # warm up on a side stream before capture, as torch.cuda.graphs asks
+                m(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g), torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+            m(x)
+        graphs[k] = g
+    times: dict[str, list[float]] = {k: [] for k in graphs}
+    for _ in range(repeats):
+        for k, g in graphs.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(10):
+                g.replay()
+            end.record()
+            end.synchronize()
+            times[k].append(start.elapsed_time(end) / 10)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 # ---------------------------------------------------------------------------------------------- report
 def markdown(res: dict[str, Any]) -> str:
     hw = res["hardware"]
     lines = [f"# Cost of regprune's machinery ({'quick' if res['settings']['quick'] else 'full'} run)", "",
-             f"Measured {res['date']} on {hw.get('processor')} ({hw.get('cpus_usable')} usable cores, torch "
+             f"Measured {res['date']} on {(hw['gpu'] + ' with ') if hw.get('gpu') else ''}{hw.get('processor')} "
+             f"({hw.get('cpus_usable')} usable cores, torch "
              f"{hw.get('torch')}, {res['settings']['threads']} torch thread(s), load average at start "
              f"{hw.get('loadavg_1_5_15')}). Every ratio compares two things measured interleaved in this run; "
              "medians over rounds.", ""]
-    p = res["prune"]
-    lines += ["## (a) Graph analysis + pruning, torchvision ResNet-50", "",
-              f"Input {'x'.join(map(str, p['input']))}, ratios `{p['ratios']}` ({p['groups_pruned']} groups, "
-              f"{p['dense_macs'] / p['pruned_macs']:.2f}x fewer MACs), {p['repeats']} rounds.", ""]
-    labels = {"regprune": "regprune.prune (trace, groups, MACs table, plan, L1 picks, surgery)",
-              "tp_direct": "Torch-Pruning direct (DependencyGraph + the same groups pruned)",
-              "tp_pruner": "Torch-Pruning MagnitudePruner (same per-layer ratios, one step)"}
-    rows = []
-    for k in PRUNE_VARIANTS:
-        rows.append({"how": labels[k], "wall s": f"{p['median_s'][k]:.2f}", "CPU s": f"{p['median_cpu_s'][k]:.2f}",
-                     "regprune / this (wall)": f"{p['median_s']['regprune'] / p['median_s'][k]:.2f}",
-                     "regprune / this (CPU)": f"{p['median_cpu_s']['regprune'] / p['median_cpu_s'][k]:.2f}"})
-    lines += [format_table(rows, ["how", "wall s", "CPU s", "regprune / this (wall)", "regprune / this (CPU)"]), ""]
-    ck = p["check"]
-    lines += [f"Same result: TP direct max |output diff| vs regprune {ck['tp_direct']['max_abs_output_diff_vs_regprune']:.2g} "
-              f"(same params {ck['tp_direct']['same_params']}); MagnitudePruner same widths {ck['tp_pruner']['same_params'] and ck['tp_pruner']['same_macs']} "
-              "(its L1 criterion sums over the whole group, so it may pick other channels).", ""]
-    for title, st in [("CPU", res["steps_cpu"])] + ([("CUDA", res["steps_cuda"])] if res.get("steps_cuda") else []):
+    p = res.get("prune")
+    if p:
+        lines += ["## (a) Graph analysis + pruning, torchvision ResNet-50", "",
+                  f"Input {'x'.join(map(str, p['input']))}, ratios `{p['ratios']}` ({p['groups_pruned']} groups, "
+                  f"{p['dense_macs'] / p['pruned_macs']:.2f}x fewer MACs), {p['repeats']} rounds.", ""]
+        labels = {"regprune": "regprune.prune (trace, groups, MACs table, plan, L1 picks, surgery)",
+                  "tp_direct": "Torch-Pruning direct (DependencyGraph + the same groups pruned)",
+                  "tp_pruner": "Torch-Pruning MagnitudePruner (same per-layer ratios, one step)"}
+        rows = []
+        for k in PRUNE_VARIANTS:
+            rows.append({"how": labels[k], "wall s": f"{p['median_s'][k]:.2f}", "CPU s": f"{p['median_cpu_s'][k]:.2f}",
+                         "regprune / this (wall)": f"{p['median_s']['regprune'] / p['median_s'][k]:.2f}",
+                         "regprune / this (CPU)": f"{p['median_cpu_s']['regprune'] / p['median_cpu_s'][k]:.2f}"})
+        lines += [format_table(rows, ["how", "wall s", "CPU s", "regprune / this (wall)", "regprune / this (CPU)"]), ""]
+        ck = p["check"]
+        lines += [f"Same result: TP direct max |output diff| vs regprune {ck['tp_direct']['max_abs_output_diff_vs_regprune']:.2g} "
+                  f"(same params {ck['tp_direct']['same_params']}); MagnitudePruner same widths {ck['tp_pruner']['same_params'] and ck['tp_pruner']['same_macs']} "
+                  "(its L1 criterion sums over the whole group, so it may pick other channels).", ""]
+    step_runs = ([("CPU", res["steps_cpu"])] if res.get("steps_cpu") else []) + [("CUDA", st) for st in res.get("steps_cuda") or []]
+    for title, st in step_runs:
         lines += [f"## (b) Training-step time, ResNet-20 (1x28x28), batch {st['batch']}, {title}", "",
                   f"{st['repeats']} interleaved rounds of {st['steps_per_round']} steps per variant (order rotated "
                   f"every round) after {st['warmup']} warm-up steps each"
@@ -526,9 +564,17 @@ def markdown(res: dict[str, Any]) -> str:
         lines += [f"## Dense vs pruned ResNet-50 latency, {lat['device']}{' (' + lat['gpu'] + ')' if lat.get('gpu') else ''}",
                   "", f"AMP {lat['amp']}, channels_last {lat['channels_last']}, {lat['image']}x{lat['image']}, "
                   f"{lat['macs_speedup']:.2f}x fewer MACs.", ""]
-        rows = [{"batch": b, "dense ms": f"{v['dense_ms']:.2f}", "pruned ms": f"{v['pruned_ms']:.2f}", "speedup": f"{v['speedup']:.2f}x"}
+        rows = [{"batch": b, "dense ms": f"{v['dense_ms']:.2f}", "pruned ms": f"{v['pruned_ms']:.2f}", "speedup": f"{v['speedup']:.2f}x",
+                 **({"graph dense ms": f"{v['graph_dense_ms']:.2f}", "graph pruned ms": f"{v['graph_pruned_ms']:.2f}",
+                     "graph speedup": f"{v['graph_speedup']:.2f}x"} if "graph_dense_ms" in v else {})}
                 for b, v in lat["by_batch"].items()]
-        lines += [format_table(rows, ["batch", "dense ms", "pruned ms", "speedup"]), ""]
+        cols = ["batch", "dense ms", "pruned ms", "speedup"]
+        if any("graph speedup" in r for r in rows):
+            cols += ["graph dense ms", "graph pruned ms", "graph speedup"]
+            lines += ["Eager: the forward called from Python (wall clock, synchronised). Graph: the same forward "
+                      "captured once as a CUDA graph and replayed (CUDA events), which removes the per-kernel launch "
+                      "cost that dominates small batches.", ""]
+        lines += [format_table(rows, cols), ""]
     if not res.get("steps_cuda"):
         lines += ["No CUDA device was available for this run: the CUDA step ratios and GPU latency were not measured.", ""]
     return "\n".join(lines)
@@ -549,6 +595,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--mem-repeats", type=int)
     ap.add_argument("--mem-steps", type=int)
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--cuda-only", action="store_true",
+                    help="only the CUDA figures: step ratios, GPU memory and GPU latency (needs a CUDA device)")
+    ap.add_argument("--cuda-batches", type=int, nargs="+", default=[128, 1024],
+                    help="batch sizes of the CUDA step timing (default 128 1024)")
     ap.add_argument("--out-dir", type=Path, default=HERE / "results")
     ap.add_argument("--name", default="cost", help="output file stem")
     # internal: one memory measurement in a fresh process
@@ -573,32 +623,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    res: dict[str, Any] = {"benchmark": "cost", "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                           "hardware": hardware_info("cpu"), "settings": {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("picks_file", "child_device")}}
-    res["settings"]["out_dir"] = str(args.out_dir)
-    log(f"(a) ResNet-50 graph analysis + pruning, {args.prune_repeats} rounds at {args.image}x{args.image}")
-    res["prune"] = bench_prune(args.image, args.prune_repeats, args.ratios)
-    log(f"(b) training-step time on CPU, batch {args.batch}, {args.repeats} rounds x {args.steps} steps")
-    res["steps_cpu"] = bench_steps(torch.device("cpu"), args.batch, args.steps, args.repeats, args.warmup)
     cuda = torch.cuda.is_available()
+    if args.cuda_only and not cuda:
+        print("error: --cuda-only needs a CUDA device, and torch sees none", file=sys.stderr)
+        sys.exit(2)
+    res: dict[str, Any] = {"benchmark": "cost", "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                           "hardware": hardware_info("cuda" if cuda else "cpu"),
+                           "settings": {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("picks_file", "child_device")}}
+    res["settings"]["out_dir"] = str(args.out_dir)
+    if not args.cuda_only:
+        log(f"(a) ResNet-50 graph analysis + pruning, {args.prune_repeats} rounds at {args.image}x{args.image}")
+        res["prune"] = bench_prune(args.image, args.prune_repeats, args.ratios)
+        log(f"(b) training-step time on CPU, batch {args.batch}, {args.repeats} rounds x {args.steps} steps")
+        res["steps_cpu"] = bench_steps(torch.device("cpu"), args.batch, args.steps, args.repeats, args.warmup)
     if cuda:
         dev = torch.device("cuda")
-        log("(b) training-step time on CUDA (AMP, channels_last)")
-        res["steps_cuda"] = bench_steps(dev, args.batch, max(args.steps, 20), args.repeats, max(args.warmup, 10),
-                                        amp=True, channels_last=True)
+        res["steps_cuda"] = []
+        for b in args.cuda_batches:
+            log(f"(b) training-step time on CUDA (AMP, channels_last), batch {b}")
+            res["steps_cuda"].append(bench_steps(dev, b, max(args.steps, 20), args.repeats, max(args.warmup, 10),
+                                                 amp=True, channels_last=True))
     if not args.no_memory:
         log(f"(c) peak memory, {args.mem_repeats} fresh process(es) per variant")
         # the picks regprune makes on the seeded ResNet-50, for the TP probes to reproduce
-        ref = _resnet50()
-        picks = prune_regprune(ref, torch.randn(1, 3, args.image, args.image, generator=torch.Generator().manual_seed(0)), args.ratios)
+        picks = None
+        if not args.cuda_only:
+            ref = _resnet50()
+            picks = prune_regprune(ref, torch.randn(1, 3, args.image, args.image, generator=torch.Generator().manual_seed(0)), args.ratios)
         res["memory"] = bench_memory(args, "cuda" if cuda else "cpu", picks)
         res["memory"]["steps_tag"] = "CUDA" if cuda else "CPU"
     res["latency"] = []
     if cuda:
         log("dense vs pruned ResNet-50 latency on CUDA")
         res["latency"].append(bench_latency(torch.device("cuda"), 224, args.ratios, True, True, (1, 64), 10 if args.quick else 50))
-    log("dense vs pruned ResNet-50 latency on CPU (batch 1, fp32)")
-    res["latency"].append(bench_latency(torch.device("cpu"), args.image, args.ratios, False, False, (1,), 3 if args.quick else 10))
+    if not args.cuda_only:
+        log("dense vs pruned ResNet-50 latency on CPU (batch 1, fp32)")
+        res["latency"].append(bench_latency(torch.device("cpu"), args.image, args.ratios, False, False, (1,), 3 if args.quick else 10))
     res["wall_time_s"] = time.perf_counter() - t_start
     out = args.out_dir
     write_json(out / f"{args.name}.json", res)

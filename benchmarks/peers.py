@@ -28,8 +28,8 @@ default scope (every group but the classifier). SPM gates every group, residual 
 architecture at a given MACs differs by design. The table has a scope column.
 
     python benchmarks/peers.py --scale smoke             # seconds; what tests/test_peers.py runs
-    nice -n 10 python benchmarks/peers.py --scale cpu    # hours on 2 CPU cores (see --dry-run)
-    python benchmarks/peers.py --scale gpu               # full data, long schedules, one GPU
+    python benchmarks/peers.py --scale cpu --jobs 2      # about 1.5 h on 2 CPU cores (see --dry-run)
+    python benchmarks/peers.py --scale gpu --jobs 12     # all 70,000 images, one GPU shared by 12 workers
     python benchmarks/peers.py --scale cpu --dry-run     # print the plan and a time estimate only
 
 Writes benchmarks/results/peers_<scale>.{md,json} and peers_<scale>.png (accuracy against MACs).
@@ -71,7 +71,7 @@ from regprune.methods.greg import GRegConfig  # noqa: E402
 from regprune.methods.spm import SPMRegularizer, insert_gates, reconfigure  # noqa: E402
 from regprune.models import create_model  # noqa: E402
 from regprune.report import format_table  # noqa: E402
-from regprune.scratch import spm_settings  # noqa: E402
+from regprune.scratch import snap_to_budget, spm_settings  # noqa: E402
 from regprune.surgery import load_model, save_model  # noqa: E402
 
 __all__ = ["main", "Settings", "SCALES", "METHODS", "TP_METHODS"]
@@ -127,13 +127,14 @@ SCALES: dict[str, Settings] = {
                       base_cycle_epochs=1, base_cycle_lr=0.01, base_max_cycles=0, plateau_tol=0.3, reg_iters=3,
                       reg_lr=0.01, ft_epochs=0.5, ft_lr=0.01, seeds=1, threads=1,
                       **{**_COMMON, "targets": [0.5, 0.125]}),
-    # a subset sized for a 2-core CPU: still many hours (run --dry-run for the estimate on your machine)
-    "cpu": Settings(scale="cpu", limit_train=10000, limit_test=5000, batch_size=64, base_epochs=15, base_lr=0.1,
-                    base_cycle_epochs=5, base_cycle_lr=0.01, base_max_cycles=4, plateau_tol=0.3, reg_iters=300,
-                    reg_lr=0.01, ft_epochs=4, ft_lr=0.01, seeds=3, threads=0, **_COMMON),
-    "gpu": Settings(scale="gpu", limit_train=None, limit_test=None, batch_size=128, base_epochs=100, base_lr=0.1,
-                    base_cycle_epochs=20, base_cycle_lr=0.01, base_max_cycles=5, plateau_tol=0.1, reg_iters=6000,
-                    reg_lr=0.01, ft_epochs=40, ft_lr=0.01, seeds=3, device="cuda", amp=True, workers=4, threads=0,
+    # a subset sized for a 2-core CPU (ResNet-20 trains at ~120 img/s per core there): about 1.5 h with --jobs 2
+    "cpu": Settings(scale="cpu", limit_train=3000, limit_test=1000, batch_size=64, base_epochs=15, base_lr=0.1,
+                    base_cycle_epochs=5, base_cycle_lr=0.01, base_max_cycles=4, plateau_tol=0.3, reg_iters=100,
+                    reg_lr=0.01, ft_epochs=3, ft_lr=0.01, seeds=3, threads=0, **_COMMON),
+    # all 70,000 images on one GPU; sized so that the 72 jobs fit in about 20 minutes of an H100 with --jobs 12
+    "gpu": Settings(scale="gpu", limit_train=None, limit_test=None, batch_size=128, base_epochs=20, base_lr=0.1,
+                    base_cycle_epochs=5, base_cycle_lr=0.01, base_max_cycles=4, plateau_tol=0.1, reg_iters=1000,
+                    reg_lr=0.01, ft_epochs=5, ft_lr=0.01, seeds=3, device="cuda", amp=True, workers=2, threads=1,
                     **_COMMON),
 }
 
@@ -157,6 +158,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--work-dir", type=Path, help="base model and per-job results (default benchmarks/work/peers_<scale>)")
     ap.add_argument("--fresh", action="store_true", help="ignore finished jobs in the work dir")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and a time estimate, run nothing")
+    ap.add_argument("--data", default=DATA, help="dataset spec (default fashion-mnist: the Debian package's folder; "
+                                                  "fashion-mnist:PATH for IDX files elsewhere)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="pruning jobs run at once in worker processes (they share the device; a small network "
+                         "leaves a GPU mostly idle, so several processes raise its throughput)")
+    ap.add_argument("--time-budget", type=float,
+                    help="seconds: start no job that would likely end after this, then write the summary of what "
+                         "is done (the next run with the same work dir continues)")
+    ap.add_argument("--_shard", help=argparse.SUPPRESS)      # "k/N": this worker's share of the pending jobs
+    ap.add_argument("--_deadline", type=float, help=argparse.SUPPRESS)  # absolute time.time() budget end
     return ap.parse_args(argv)
 
 
@@ -386,51 +397,6 @@ def run_greg(method: str, model: nn.Module, x: torch.Tensor, target: float, s: S
     return reg.prune(), info
 
 
-def snap_once(reg: SPMRegularizer, tol: float = 0.01) -> tuple[float, float]:
-    """Bring the hard MACs to the budget by flipping the least decided gates in ONE direction, stopping at the
-    first crossing of the target and keeping whichever side of it is nearer.
-
-    regprune.scratch.snap_to_budget does the same but may flip the same gate off and on until its 100,000-step
-    cap when no single flip lands inside its tolerance band (seen here: ResNet-20, target 0.125, after a short
-    search, MACs alternating 0.1268 / 0.1234 around the band 0.12375-0.12625); this keeps its choice rule.
-    """
-    dense, target = reg.dense_macs, reg.target_macs
-    before = reg.current_macs() / dense
-    turn_off = before > target
-    if not turn_off and before >= target * (1 - tol):
-        return before, before
-    gates = {r: reg.gates.gate(r) for r in reg.gates.roots}
-    last, prev_frac = None, before
-    while True:
-        frac = reg.current_macs() / dense
-        if (turn_off and frac <= target) or (not turn_off and frac >= target):
-            if last is not None and abs(prev_frac - target) < abs(frac - target):
-                r, i, w_old = last  # the state before the crossing flip was nearer: undo that flip
-                with torch.no_grad():
-                    gates[r].weight[i] = w_old
-            break
-        best = None
-        for r, g in gates.items():
-            w = g.weight.detach()
-            on = g.hard().bool()
-            if w.numel() != on.numel():
-                continue
-            cand = on if turn_off else ~on
-            if (turn_off and int(on.sum()) <= max(1, g.min_on)) or not bool(cand.any()):
-                continue
-            dist = (w - g.threshold).abs().masked_fill(~cand, float("inf"))
-            i = int(dist.argmin())
-            if best is None or float(dist[i]) < best[0]:
-                best = (float(dist[i]), r, i)
-        if best is None:
-            break
-        _, r, i = best
-        last, prev_frac = (r, i, float(gates[r].weight[i].detach())), frac
-        with torch.no_grad():
-            gates[r].weight[i] = gates[r].threshold + (-0.01 if turn_off else 0.01)
-    return before, reg.current_macs() / dense
-
-
 def run_spm(model: nn.Module, x: torch.Tensor, target: float, s: Settings, loader, seed: int):
     gates = insert_gates(model, x)
     st = spm_settings(gates.graph.total_macs, 1.0, {"search_epochs": 1.0})
@@ -440,7 +406,7 @@ def run_spm(model: nn.Module, x: torch.Tensor, target: float, s: Settings, loade
     tr = E.Trainer(model, loader, None, tcfg, phase="search", hooks=[reg], extra_param_groups=reg.param_groups())
     tr.fit()
     model.cpu()  # before freezing: the fixed masks are made on the weights' device
-    before, after = snap_once(reg)
+    before, after = snap_to_budget(reg)
     reg.freeze()
     info = {"reg_iters": tr.step, "search_macs_fraction": before, "snapped_macs_fraction": after,
             "spm_settings": {k: v for k, v in st.items() if k != "search_epochs"}}
@@ -555,6 +521,12 @@ def plot(path: Path, summary: list[dict[str, Any]], base: dict[str, Any]) -> Pat
 def markdown(res: dict[str, Any]) -> str:
     s, base = res["settings"], res["base"]
     lines = [f"# Peers at the same MACs: ResNet-20 on Fashion-MNIST ({s['scale']} scale)", ""]
+    if not res.get("complete", True):
+        lines += [f"**Partial: {res['jobs_done']} of {res['jobs_expected']} jobs finished; the `seeds` column shows "
+                  "how many each mean covers.**", ""]
+    hw = res.get("hardware", {})
+    lines += [f"Hardware: {hw.get('gpu') or hw.get('processor') or 'unknown'}; torch {hw.get('torch', '?')}, "
+              f"Torch-Pruning {res.get('torch_pruning', '?')}.", ""]
     if s["scale"] == "smoke":
         lines += ["**Smoke scale: a few iterations on a hundred images. It checks that every path runs; its "
                   "accuracies say nothing about the methods.**", ""]
@@ -613,53 +585,121 @@ def estimate(s: Settings, n_train: int, n_test: int) -> dict[str, float]:
             "hours_upper": (train_imgs / train_ips + eval_imgs / eval_ips) / 3600}
 
 
+# ---------------------------------------------------------------------------------------------- jobs
+def _read_rows(done_f: Path, key: str) -> list[dict[str, Any]]:
+    rows = []
+    if done_f.exists():
+        for line in done_f.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                if rec.get("key") == key:
+                    rows.append(rec["row"])
+    return rows
+
+
+def _append_row(done_f: Path, key: str, row: dict[str, Any]) -> None:
+    """One JSON line per finished job; workers append to the same file under an exclusive lock."""
+    import fcntl
+
+    line = json.dumps(E.log.to_jsonable({"key": key, "row": row})) + "\n"
+    with open(done_f, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fh.write(line)
+            fh.flush()
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _likely_seconds(method: str, rows: list[dict[str, Any]]) -> float:
+    """How long a job of `method` will take: the slowest finished one of that method, else of any (0 if none)."""
+    same = [r["wall_s"] for r in rows if r["method"] == method and "wall_s" in r]
+    any_ = [r["wall_s"] for r in rows if "wall_s" in r]
+    return max(same) if same else (max(any_) if any_ else 0.0)
+
+
+def run_jobs(s: Settings, bundle, base_file: Path, jobs: list[tuple[float, int, str]], done_f: Path, key: str,
+             deadline: float | None) -> int:
+    """Run `jobs` one after another, appending each result; skip those that would likely end after `deadline`."""
+    ran = 0
+    for target, seed, method in jobs:
+        if deadline is not None and time.time() + _likely_seconds(method, _read_rows(done_f, key)) > deadline:
+            log(f"{1 / target:g}x seed {seed} {method}: not started (time budget)")
+            continue
+        t0 = time.perf_counter()
+        row = run_one(s, bundle, base_file, target, seed, method)
+        row["wall_s"] = time.perf_counter() - t0
+        _append_row(done_f, key, row)
+        ran += 1
+        log(f"{1 / target:g}x seed {seed} {method:13s}: top-1 {row['top1']:.2f} (before FT {row['before_ft_top1']:.2f}), "
+            f"MACs {100 * row['macs_fraction']:.1f}% (gap {100 * row['macs_gap']:+.2f}%), "
+            f"extra iters {row['reg_iters']}, {row['wall_s']:.0f} s")
+    return ran
+
+
+def _spawn_workers(argv: list[str], n: int, deadline: float | None) -> None:
+    """Run this script `n` times with --_shard k/n (same arguments otherwise) and wait for all of them."""
+    import subprocess
+
+    procs = []
+    for k in range(n):
+        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--_shard", f"{k}/{n}", "--threads", "1"]
+        if deadline is not None:
+            cmd += ["--_deadline", repr(deadline)]
+        procs.append(subprocess.Popen(cmd))
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        log(f"worker exit codes {codes}: the summary covers the jobs that finished")
+
+
 # ---------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     s = make_settings(args)
     t_start = time.perf_counter()
+    if args.jobs < 1:
+        raise UserError("--jobs must be >= 1")
+    deadline = args._deadline if args._deadline is not None else (
+        time.time() + args.time_budget if args.time_budget is not None else None)
     if s.threads == 0:
         s.threads, _ = common.choose_threads(lambda: create_model(s.model, 10, 1), s.batch_size, (1, 28, 28))
     torch.set_num_threads(s.threads)
-    bundle = load_data(DATA, limit_train=s.limit_train, limit_test=s.limit_test)
+    bundle = load_data(args.data, limit_train=s.limit_train, limit_test=s.limit_test)
     n_train, n_test = len(bundle.train), len(bundle.test)
     work = args.work_dir or HERE / "work" / f"peers_{s.scale}"
-    # the estimate measures throughput for a few seconds: not worth it at smoke scale
-    est = estimate(s, n_train, n_test) if (args.dry_run or s.scale != "smoke") else None
-    log(f"peers {s.scale}: {n_train}/{n_test} images, targets {s.targets}, {s.seeds} seed(s), methods {', '.join(s.methods)}"
-        + (f"; {est['jobs']} jobs, estimated <= {est['hours_upper']:.2f} h at {est['train_img_s']:.0f} train img/s "
-           f"({s.threads} thread(s))" if est else ""))
+    # the estimate measures throughput for a few seconds: not worth it at smoke scale or in a worker
+    est = estimate(s, n_train, n_test) if (args.dry_run or (s.scale != "smoke" and not args._shard)) else None
+    if not args._shard:
+        log(f"peers {s.scale}: {n_train}/{n_test} images, targets {s.targets}, {s.seeds} seed(s), methods "
+            f"{', '.join(s.methods)}" + (f"; {est['jobs']} jobs, estimated <= {est['hours_upper']:.2f} h at "
+                                         f"{est['train_img_s']:.0f} train img/s ({s.threads} thread(s), one process)"
+                                         if est else ""))
     if args.dry_run:
         return {"settings": dataclasses.asdict(s), "estimate": est}
     work.mkdir(parents=True, exist_ok=True)
     base_file, base = train_base(s, bundle, work)
     done_f = work / "results.jsonl"
-    key = json.dumps({k: v for k, v in dataclasses.asdict(s).items() if k not in ("seeds", "targets", "methods", "threads")},
-                     sort_keys=True)
-    rows: list[dict[str, Any]] = []
-    if done_f.exists() and not args.fresh:
-        for line in done_f.read_text().splitlines():
-            rec = json.loads(line)
-            if rec.get("key") == key:
-                rows.append(rec["row"])
-    elif done_f.exists():
+    key = json.dumps({k: v for k, v in dataclasses.asdict(s).items()
+                      if k not in ("seeds", "targets", "methods", "threads", "workers")}, sort_keys=True)
+    if args.fresh and done_f.exists() and not args._shard:
         done_f.unlink()
-    have = {(r["target"], r["method"], r["seed"]) for r in rows}
-    rows = [r for r in rows if r["target"] in s.targets and r["method"] in s.methods and r["seed"] < s.seeds]
-    for target in s.targets:
-        for seed in range(s.seeds):
-            for method in s.methods:
-                if (target, method, seed) in have:
-                    continue
-                t0 = time.perf_counter()
-                row = run_one(s, bundle, base_file, target, seed, method)
-                row["wall_s"] = time.perf_counter() - t0
-                rows.append(row)
-                with open(done_f, "a") as fh:
-                    fh.write(json.dumps(E.log.to_jsonable({"key": key, "row": row})) + "\n")
-                log(f"{1 / target:g}x seed {seed} {method:13s}: top-1 {row['top1']:.2f} (before FT {row['before_ft_top1']:.2f}), "
-                    f"MACs {100 * row['macs_fraction']:.1f}% (gap {100 * row['macs_gap']:+.2f}%), "
-                    f"extra iters {row['reg_iters']}, {row['wall_s']:.0f} s")
+    have = {(r["target"], r["method"], r["seed"]) for r in _read_rows(done_f, key)}
+    # seed-major order: a run cut short by its time budget still covers every target and method at seed 0
+    pending = [(t, k, m) for k in range(s.seeds) for t in s.targets for m in s.methods if (t, m, k) not in have]
+    if args._shard:
+        i, n = (int(v) for v in args._shard.split("/"))
+        run_jobs(s, bundle, base_file, pending[i::n], done_f, key, deadline)
+        return {}
+    if args.jobs > 1 and len(pending) > 1:
+        log(f"{len(pending)} job(s) pending, {min(args.jobs, len(pending))} worker process(es)")
+        worker_argv = [a for a in argv if a != "--fresh"]
+        _spawn_workers(worker_argv, min(args.jobs, len(pending)), deadline)
+    else:
+        run_jobs(s, bundle, base_file, pending, done_f, key, deadline)
+    rows = [r for r in _read_rows(done_f, key)
+            if r["target"] in s.targets and r["method"] in s.methods and r["seed"] < s.seeds]
+    expected = len(s.targets) * len(s.methods) * s.seeds
     summary = summarize(rows)
     res: dict[str, Any] = {
         "benchmark": "peers", "scale": s.scale, "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -667,6 +707,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "data": {"name": bundle.name, "train": n_train, "test": n_test}, "estimate": est,
         "torch_pruning": getattr(tp, "__version__", "unknown"),
         "base": {k: v for k, v in base.items() if k != "key"}, "results": rows, "summary": summary,
+        "jobs_done": len(rows), "jobs_expected": expected, "complete": len(rows) == expected,
         "comparisons": compare(summary), "macs_gap_max": max((abs(r["macs_gap"]) for r in rows), default=0.0),
         "work_dir": str(work)}
     res["wall_time_s"] = time.perf_counter() - t_start
@@ -674,7 +715,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_json(out / f"peers_{s.scale}.json", res)
     E.atomic_write_text(out / f"peers_{s.scale}.md", markdown(res) + "\n")
     plot(out / f"peers_{s.scale}.png", summary, base)
-    log(f"wrote {out}/peers_{s.scale}.{{md,json,png}} in {res['wall_time_s']:.0f} s")
+    log(f"wrote {out}/peers_{s.scale}.{{md,json,png}} ({len(rows)}/{expected} jobs) in {res['wall_time_s']:.0f} s")
     return json.loads(json.dumps(E.log.to_jsonable(res)))
 
 

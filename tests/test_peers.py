@@ -81,3 +81,74 @@ def test_peers_smoke(tmp_path: Path, keep_threads) -> None:
         assert all(_finite(g[k]) for k in ("top1_mean", "top1_std", "macs_fraction", "mmacs", "params_m"))
     assert all(_finite(c["diff"]) and _finite(c["spread"]) for c in data["comparisons"])
     assert "| target" in md.read_text()
+
+
+def _rows(work: Path) -> list[dict]:
+    return [json.loads(line)["row"] for line in (work / "results.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_peers_time_budget_then_resume_with_workers(tmp_path: Path, keep_threads) -> None:
+    """A run whose time budget is already spent starts no job and says its table is partial; the next run on
+    the same work dir reuses the base and, split over two worker processes, does every job exactly once."""
+    peers = _load("peers")
+    out, work = tmp_path / "results", tmp_path / "work"
+    common = ["--scale", "smoke", "--methods", "l1", "tp_magnitude", "--out-dir", str(out), "--work-dir", str(work)]
+    first = peers.main(common + ["--time-budget", "0"])
+    assert first["jobs_done"] == 0 and first["complete"] is False
+    assert first["jobs_expected"] == 4  # 2 targets x 2 methods x 1 seed
+    assert "Partial: 0 of 4 jobs" in (out / "peers_smoke.md").read_text()
+    base_bytes = (work / "base.safetensors").read_bytes()
+
+    second = peers.main(common + ["--jobs", "2"])
+    assert second["complete"] is True and second["jobs_done"] == 4
+    assert (work / "base.safetensors").read_bytes() == base_bytes  # reused, not retrained
+    rows = _rows(work)
+    jobs = sorted((r["target"], r["method"], r["seed"]) for r in rows)
+    assert jobs == sorted({(t, m, 0) for t in (0.5, 0.125) for m in ("l1", "tp_magnitude")})  # each exactly once
+    assert all(_finite(r["top1"]) and _finite(r["wall_s"]) for r in rows)
+    assert "Partial" not in (out / "peers_smoke.md").read_text()
+
+
+def test_peers_rejects_bad_jobs_count(tmp_path: Path) -> None:
+    peers = _load("peers")
+    from regprune.errors import UserError
+
+    with pytest.raises(UserError, match="--jobs"):
+        peers.main(["--scale", "smoke", "--jobs", "0", "--work-dir", str(tmp_path)])
+
+
+def test_cost_cuda_only_without_a_gpu_is_one_line(capsys) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    cost = _load("cost")
+    with pytest.raises(SystemExit) as exc:
+        cost.main(["--cuda-only"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CUDA" in err[0]
+
+
+@pytest.mark.slow
+def test_cost_quick_writes_finite_ratios(tmp_path: Path, keep_threads) -> None:
+    """benchmarks/cost.py at its quick scale: every ratio it reports is a finite positive number, the TP-direct
+    pruning gives regprune's exact model, and the report has each section."""
+    cost = _load("cost")
+    res = cost.main(["--quick", "--mem-repeats", "1", "--out-dir", str(tmp_path), "--name", "c"])
+    assert json.loads((tmp_path / "c.json").read_text())["benchmark"] == "cost"
+    p = res["prune"]
+    assert p["check"]["tp_direct"]["same_params"] is True
+    assert p["check"]["tp_direct"]["max_abs_output_diff_vs_regprune"] < 1e-4
+    st = res["steps_cpu"]
+    for v in ("greg1", "greg2", "spm", "spm_nuc10"):
+        assert _finite(st["cpu_time"]["ratio"][v]) and st["cpu_time"]["ratio"][v] > 0
+    assert st["state_at_end"]["greg1"]["greg_phase"] in ("grow", "pick", "stabilize")
+    mem = res["memory"]
+    assert set(mem["steps"]) == {"plain", "greg1", "greg2", "spm", "spm_nuc10"}
+    assert all(_finite(v["peak_mb"]) and v["peak_mb"] > 0 for v in mem["steps"].values())
+    lat = res["latency"][0]
+    assert lat["macs_speedup"] > 2.0 and _finite(lat["by_batch"]["1"]["speedup"])
+    md = (tmp_path / "c.md").read_text()
+    for section in ("(a) Graph analysis", "(b) Training-step time", "(c) Peak memory", "latency"):
+        assert section in md

@@ -5,26 +5,25 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["count_macs", "count_params", "layer_macs"]
+__all__ = ["count_macs", "count_params", "layer_macs", "macs_hook"]
+
+
+def macs_hook(name: str, out: dict[str, int]):
+    """A forward hook adding one Conv2d/Linear call's per-sample MACs to out[name]."""
+    def hook(mod: nn.Module, inp, output: torch.Tensor) -> None:
+        if isinstance(mod, nn.Conv2d):
+            positions = output.shape[-1] * output.shape[-2]
+        else:
+            positions = output.numel() // output.shape[0] // mod.out_features
+        out[name] = out.get(name, 0) + int(mod.weight.numel() * positions)
+    return hook
 
 
 def layer_macs(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, int]:
     """Per-sample MACs of every Conv2d/Linear, by module name (weight.numel() * output positions)."""
     out: dict[str, int] = {}
-    hooks = []
-
-    def make_hook(name: str):
-        def hook(mod: nn.Module, inp, output: torch.Tensor) -> None:
-            if isinstance(mod, nn.Conv2d):
-                positions = output.shape[-1] * output.shape[-2]
-            else:
-                positions = output.numel() // output.shape[0] // mod.out_features
-            out[name] = out.get(name, 0) + int(mod.weight.numel() * positions)
-        return hook
-
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            hooks.append(m.register_forward_hook(make_hook(name)))
+    hooks = [m.register_forward_hook(macs_hook(name, out)) for name, m in model.named_modules()
+             if isinstance(m, (nn.Conv2d, nn.Linear))]
     was_training = model.training
     model.eval()
     try:

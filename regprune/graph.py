@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from .counting import layer_macs
+from .counting import macs_hook
 from .errors import UserError
 from .models.cifar import PadShortcut
 
@@ -87,24 +87,28 @@ def _is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
 
 
-def _output_layers(model: nn.Module, example_inputs: torch.Tensor) -> set[str]:
-    """Names of conv/linear layers whose output is (directly) the network's output."""
+def _probe(model: nn.Module, example_inputs: torch.Tensor) -> tuple[dict[str, int], set[str]]:
+    """One forward pass: per-sample MACs of every conv/linear layer, and the names of those whose output is
+    (directly) the network's output."""
+    macs: dict[str, int] = {}
     produced: dict[int, str] = {}
     hooks = []
     for name, m in model.named_modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
+            hooks.append(m.register_forward_hook(macs_hook(name, macs)))
             hooks.append(m.register_forward_hook(lambda mod, i, o, _n=name: produced.__setitem__(id(o), _n)))
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(example_inputs)
+            x = example_inputs[:1] if isinstance(example_inputs, torch.Tensor) else example_inputs
+            out = model(x)
     finally:
         for h in hooks:
             h.remove()
         model.train(was)
     outs = out if isinstance(out, (tuple, list)) else [out]
-    return {produced[id(o)] for o in outs if id(o) in produced}
+    return macs, {produced[id(o)] for o in outs if id(o) in produced}
 
 
 class GroupGraph:
@@ -123,9 +127,8 @@ class GroupGraph:
             raise UserError(f"cannot trace the model's channel dependencies: {type(exc).__name__}: {exc}") from exc
         finally:
             model.train(was_training)  # the tracer switches to eval mode
-        self.layer_macs = layer_macs(model, example_inputs)
+        self.layer_macs, self.outputs = _probe(model, example_inputs)
         self.total_macs = sum(self.layer_macs.values())
-        self.outputs = _output_layers(model, example_inputs)
         self.groups: dict[str, ChannelGroup] = {}
         self._build(include_coupled, family)
 

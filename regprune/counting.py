@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["count_macs", "count_params", "layer_macs", "macs_hook"]
+__all__ = ["count_macs", "count_params", "kept_layer_macs", "layer_macs", "macs_hook"]
 
 
 def macs_hook(name: str, out: dict[str, int]):
@@ -17,6 +17,16 @@ def macs_hook(name: str, out: dict[str, int]):
             positions = output.numel() // output.shape[0] // mod.out_features
         out[name] = out.get(name, 0) + int(mod.weight.numel() * positions)
     return hook
+
+
+def kept_layer_macs(macs, c_out: int, c_in: int, removed_out=0, removed_in=0, depthwise: bool = False):
+    """A conv/linear layer's MACs once channels are removed: dense MACs x kept fraction of its outputs x kept
+    fraction of its inputs (a depthwise conv's inputs are its outputs, so only the first). The removed counts
+    may be ints (planning) or tensors (the differentiable gate counts of SPM)."""
+    f_out = 1 - removed_out / c_out
+    if depthwise:
+        return macs * f_out
+    return macs * f_out * (1 - removed_in / c_in)
 
 
 def layer_macs(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, int]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from .counting import kept_layer_macs
 from .errors import UserError
 from .graph import ChannelGroup, GroupGraph, _is_depthwise
 
@@ -156,9 +157,7 @@ def estimate_macs(graph: GroupGraph, removal: dict[str, int]) -> int:
         mod = graph.module(name)
         n_out = mod.out_channels if isinstance(mod, nn.Conv2d) else mod.out_features
         n_in = mod.in_channels if isinstance(mod, nn.Conv2d) else mod.in_features
-        fo = 1 - rm_out.get(name, 0) / n_out
-        fi = 1 - rm_in.get(name, 0) / n_in
-        total += macs * (fo if _is_depthwise(mod) else fo * fi)
+        total += kept_layer_macs(macs, n_out, n_in, rm_out.get(name, 0), rm_in.get(name, 0), _is_depthwise(mod))
     return int(round(total))
 
 

@@ -24,6 +24,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from ..counting import kept_layer_macs
 from ..errors import UserError
 from ..graph import ChannelGroup, GroupGraph, _is_depthwise, analyze
 from ..models.cifar import PadShortcut
@@ -380,17 +381,11 @@ class SPMRegularizer:
         widths = {r: self.gates.groups[r].channels for r in self.gates.roots}
         total = torch.zeros((), device=self.gates.gate(self.gates.roots[0]).weight.device)
         for lay in self._layers:
-            f_out = 1 - sum(widths[r] - counts[r] for r in lay.out_roots) / lay.c_out if lay.out_roots else 1.0
-            if lay.depthwise:
-                total = total + lay.macs * f_out
-                continue
-            if lay.in_roots:
-                f_in = 1 - sum(widths[r] - counts[r] for r in lay.in_roots) / lay.c_in
-                if not self.mac_grad_inputs:
-                    f_in = f_in.detach()
-            else:
-                f_in = 1.0
-            total = total + lay.macs * f_out * f_in
+            removed_out = sum(widths[r] - counts[r] for r in lay.out_roots)
+            removed_in = sum(widths[r] - counts[r] for r in lay.in_roots)
+            if isinstance(removed_in, torch.Tensor) and not self.mac_grad_inputs:
+                removed_in = removed_in.detach()  # input counts held constant (the default)
+            total = total + kept_layer_macs(lay.macs, lay.c_out, lay.c_in, removed_out, removed_in, lay.depthwise)
         return total
 
     def macs_loss(self) -> torch.Tensor:

@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402  (puts the repository root on sys.path)
+import common  # noqa: E402,F401  (puts the repository root on sys.path)
 from common import hardware_info, log, write_json  # noqa: E402
 
 import torch  # noqa: E402
@@ -128,7 +128,7 @@ def bench_prune(image: int, repeats: int, ratios: str) -> dict[str, Any]:
         order = list(PRUNE_VARIANTS[r % 3:] + PRUNE_VARIANTS[:r % 3])  # rotate so no variant always goes first
         for name in order:
             m = copy.deepcopy(template)
-            t, c = _timed(lambda: runs[name](m))
+            t, c = _timed(lambda m=m: runs[name](m))
             times[name].append(t)
             cpu[name].append(c)
             del m

@@ -572,7 +572,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"- Fine-tuning, identical for l1 / greg1 / greg2: {s['ft_epochs']:g} epochs, lr {s['ft_lr']:g} "
         f"{s['ft_schedule']}, warm-up {s['ft_warmup_epochs']:g} epochs. l1+extra: the same schedule stretched by "
         f"the iterations GReg spent regularizing (the larger of GReg-1's and GReg-2's, per seed).",
-        f"- GReg regularization (before removal, on top of the fine-tuning): "
+        "- GReg regularization (before removal, on top of the fine-tuning): "
         + (f"budget {s['reg_iters']} iterations" if s["reg_iters"] else "the paper's full schedule")
         + f" at constant lr {s['reg_lr']:g}, penalty levels '{s['greg_levels']}' (see the JSON `greg_configs`);"
         f" it ends early when every layer's kept/pruned magnitude ratio reaches 1000.",

@@ -13,7 +13,7 @@ __all__ = ["run_demo"]
 def run_demo(out: str | Path = "runs/demo", overwrite: bool = False, quick: bool = False) -> dict:
     """Run base training, GReg-1 at 2x, fine-tuning and the before/after table; returns the prune report."""
     out = Path(out)
-    top = RunDir(out, overwrite=overwrite)
+    RunDir(out, overwrite=overwrite)  # refuses a non-empty folder unless overwrite, before any training
     t0 = time.perf_counter()
     common = dict(model="resnet20", data="mnist5k", batch_size=64, seed=0, progress=True)
     if quick:

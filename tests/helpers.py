@@ -13,3 +13,33 @@ def randomise_bn(model: nn.Module, seed: int = 0) -> None:
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+
+
+# ---- benchmark scripts (benchmarks/*.py are scripts, not a package: loaded by path)
+import importlib.util  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from regprune.data.mnist import FASHION_MNIST_DEFAULT_PATH  # noqa: E402
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+needs_fashion = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT_PATH),
+                                   reason="Debian package dataset-fashion-mnist not installed")
+
+
+def load_benchmark(name: str):
+    """Import benchmarks/<name>.py as module bench_<name>."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def finite(x) -> bool:
+    """A real finite number (bools do not count)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from regprune import UserError, create_model

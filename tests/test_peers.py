@@ -2,40 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import math
-import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from regprune.data.mnist import FASHION_MNIST_DEFAULT_PATH
+from helpers import finite as _finite, load_benchmark, needs_fashion
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-needs_fashion = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT_PATH),
-                                   reason="Debian package dataset-fashion-mnist not installed")
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-@pytest.fixture
-def keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+_load = load_benchmark
 
 
 @pytest.mark.slow

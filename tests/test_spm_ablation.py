@@ -2,40 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import math
-import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from regprune.data.mnist import FASHION_MNIST_DEFAULT_PATH
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-needs_fashion = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT_PATH),
-                                   reason="Debian package dataset-fashion-mnist not installed")
+from helpers import finite as _finite, load_benchmark, needs_fashion
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_spm_ablation", BENCH / "spm_ablation.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture
-def keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    return load_benchmark("spm_ablation")
 
 
 @pytest.mark.slow

@@ -28,9 +28,11 @@ import torch.nn.functional as F  # noqa: E402
 
 from regprune.engine import atomic_write_text  # noqa: E402
 from regprune.engine.log import to_jsonable  # noqa: E402
+from regprune.errors import UserError  # noqa: E402
 
 __all__ = ["REPO_ROOT", "hardware_info", "train_throughput", "eval_throughput", "choose_threads", "mean_std",
-           "fmt_pm", "write_json", "bn_recalibrated_top1", "finite_numbers", "Stopwatch", "log"]
+           "fmt_pm", "write_json", "bn_recalibrated_top1", "finite_numbers", "Stopwatch", "log", "apply_limits",
+           "run_script"]
 
 
 def log(msg: str) -> None:
@@ -202,3 +204,39 @@ class Stopwatch:
 
     def __call__(self) -> float:
         return time.perf_counter() - self.t0
+
+
+def parse_limit(text: str | None, what: str, allow_auto: bool = False) -> int | str | None:
+    """A --limit-train/--limit-test value: None (not given), "all", "auto" (where allowed) or a positive int."""
+    if text is None:
+        return None
+    t = str(text).strip().lower()
+    if t in ("all", "none", "full"):
+        return "all"
+    if allow_auto and t == "auto":
+        return "auto"
+    try:
+        n = int(t)
+    except ValueError:
+        choices = "an integer, 'all' or 'auto'" if allow_auto else "an integer or 'all'"
+        raise UserError(f"--limit-{what}: expected {choices}, got {text!r}") from None
+    if n < 1:
+        raise UserError(f"--limit-{what} must be >= 1, got {n}")
+    return n
+
+
+def apply_limits(settings: Any, args: Any, allow_auto_train: bool = False) -> None:
+    """Set settings.limit_train / limit_test from the command line ("all" becomes None: the whole split)."""
+    for what in ("train", "test"):
+        v = parse_limit(getattr(args, f"limit_{what}"), what, allow_auto_train and what == "train")
+        if v is not None:
+            setattr(settings, f"limit_{what}", None if v == "all" else v)
+
+
+def run_script(main: Callable[[], Any]) -> None:
+    """Run a benchmark's main(); a user error ends with one line on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -161,24 +161,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _count(text: str | None, what: str) -> int | str | None:
-    if text is None:
-        return None
-    t = str(text).strip().lower()
-    if t in ("all", "none", "full"):
-        return "all"
-    if t == "auto" and what == "train":
-        return "auto"
-    try:
-        n = int(t)
-    except ValueError:
-        raise UserError(f"--limit-{what}: expected an integer, 'all'" + (" or 'auto'" if what == "train" else "")
-                        + f", got {text!r}") from None
-    if n < 1:
-        raise UserError(f"--limit-{what} must be >= 1, got {n}")
-    return n
-
-
 def make_settings(args: argparse.Namespace) -> Settings:
     s = copy.deepcopy(SCALES[args.scale])
     if args.ratios:
@@ -192,11 +174,7 @@ def make_settings(args: argparse.Namespace) -> Settings:
         s.ft_schedule = args.ft_schedule
     if args.reg_iters is not None:
         s.reg_iters = args.reg_iters or None
-    lt, lte = _count(args.limit_train, "train"), _count(args.limit_test, "test")
-    if lt is not None:
-        s.limit_train = None if lt == "all" else lt
-    if lte is not None:
-        s.limit_test = None if lte == "all" else lte
+    common.apply_limits(s, args, allow_auto_train=True)
     if s.seeds < 1:
         raise UserError("--seeds must be >= 1")
     if s.reg_iters is None and s.greg_levels != "paper":
@@ -804,8 +782,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    common.run_script(main)

@@ -171,20 +171,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _limit(text: str | None, default: int | None) -> int | None:
-    if text is None:
-        return default
-    if text == "all":
-        return None
-    try:
-        n = int(text)
-    except ValueError:
-        raise UserError(f"bad limit {text!r}: expected an integer or 'all'") from None
-    if n < 1:
-        raise UserError(f"bad limit {text!r}: expected a positive integer")
-    return n
-
-
 def make_settings(args: argparse.Namespace) -> Settings:
     s = copy.deepcopy(SCALES[args.scale])
     for name in ("seeds", "targets", "methods", "reg_iters", "ft_epochs", "base_epochs", "tp_scope", "tp_reg",
@@ -192,8 +178,7 @@ def make_settings(args: argparse.Namespace) -> Settings:
         v = getattr(args, name)
         if v is not None:
             setattr(s, name, list(v) if isinstance(v, list) else v)
-    s.limit_train = _limit(args.limit_train, s.limit_train)
-    s.limit_test = _limit(args.limit_test, s.limit_test)
+    common.apply_limits(s, args)
     if s.device != "cuda":
         s.amp = False
     if s.seeds < 1 or s.reg_iters < 1:
@@ -720,8 +705,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    common.run_script(main)

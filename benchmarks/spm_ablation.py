@@ -143,21 +143,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _count(text: str | None, what: str) -> int | str | None:
-    if text is None:
-        return None
-    t = str(text).strip().lower()
-    if t in ("all", "none", "full"):
-        return "all"
-    try:
-        n = int(t)
-    except ValueError:
-        raise UserError(f"--limit-{what}: expected an integer or 'all', got {text!r}") from None
-    if n < 1:
-        raise UserError(f"--limit-{what} must be >= 1, got {n}")
-    return n
-
-
 def make_settings(args: argparse.Namespace) -> Settings:
     """The scale's settings with the command line's overrides, checked before anything runs."""
     s = copy.deepcopy(SCALES[args.scale])
@@ -166,10 +151,7 @@ def make_settings(args: argparse.Namespace) -> Settings:
         v = getattr(args, name)
         if v is not None:
             setattr(s, name, v)
-    for name, what in (("limit_train", "train"), ("limit_test", "test")):
-        v = _count(getattr(args, name), what)
-        if v is not None:
-            setattr(s, name, None if v == "all" else v)
+    common.apply_limits(s, args)
     if s.seeds < 1:
         raise UserError("--seeds must be >= 1")
     if not 0.0 < s.target_macs < 1.0:
@@ -794,8 +776,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    common.run_script(main)

@@ -5,6 +5,7 @@ Then, for every MACs target (2x, 4x, 8x fewer: kept fractions 0.5 / 0.25 / 0.125
 that one base is pruned eight ways and fine-tuned with exactly the same settings (regprune's Trainer):
 
   l1             regprune one-shot L1 (`regprune.prune(target_macs=...)`), no extra training
+  l1_group       the same with `criterion="group"`: each channel scored over its whole coupled group
   greg1, greg2   regprune GReg-1 / GReg-2 (`regprune.regularizer`), regularization then removal
   spm            regprune SPM gates + nuclear-norm + MACs losses searched on the trained base, gates frozen
                  at the budget, exact reconfiguration (the paper searches from scratch; this starts from the base)
@@ -78,7 +79,7 @@ __all__ = ["main", "Settings", "SCALES", "METHODS", "TP_METHODS"]
 
 HERE = Path(__file__).resolve().parent
 DATA = "fashion-mnist"
-METHODS = ("l1", "greg1", "greg2", "spm", "tp_magnitude", "tp_bnscale", "tp_groupnorm", "tp_growingreg")
+METHODS = ("l1", "l1_group", "greg1", "greg2", "spm", "tp_magnitude", "tp_bnscale", "tp_groupnorm", "tp_growingreg")
 TP_METHODS = tuple(m for m in METHODS if m.startswith("tp_"))
 SPARSE_TP = ("tp_bnscale", "tp_groupnorm", "tp_growingreg")
 REFERENCE = "l1"  # what every method is compared against in the table's last column
@@ -406,8 +407,9 @@ def run_one(s: Settings, bundle, base_file: Path, target: float, seed: int, meth
     E.seed_everything(seed)
     train_loader, test_loader = make_loaders(bundle, s.batch_size, workers=s.workers, seed=seed)
     t0 = time.perf_counter()
-    if method == "l1":
-        pruned, info = rp_prune(model, x, target_macs=target, inplace=True).model, {"reg_iters": 0}
+    if method in ("l1", "l1_group"):
+        criterion = "group" if method == "l1_group" else "filter"
+        pruned, info = rp_prune(model, x, target_macs=target, criterion=criterion, inplace=True).model, {"reg_iters": 0}
     elif method in ("greg1", "greg2"):
         pruned, info = run_greg(method, model, x, target, s, train_loader, seed)
     elif method == "spm":
@@ -563,7 +565,7 @@ def estimate(s: Settings, n_train: int, n_test: int) -> dict[str, float]:
     eval_ips = common.eval_throughput(create_model(s.model, 10, 1), 256, shape, device=dev)
     base_epochs = s.base_epochs + s.base_max_cycles * s.base_cycle_epochs
     jobs = len(s.targets) * s.seeds * len(s.methods)
-    with_reg = len(s.targets) * s.seeds * sum(m not in ("l1", "tp_magnitude") for m in s.methods)
+    with_reg = len(s.targets) * s.seeds * sum(m not in ("l1", "l1_group", "tp_magnitude") for m in s.methods)
     train_imgs = base_epochs * n_train + jobs * s.ft_epochs * n_train + with_reg * s.reg_iters * s.batch_size
     eval_imgs = (base_epochs + jobs * (math.ceil(s.ft_epochs) + 2)) * n_test
     return {"train_img_s": train_ips, "eval_img_s": eval_ips, "jobs": jobs,

@@ -14,7 +14,7 @@ from .errors import UserError
 from .graph import GroupGraph, analyze
 from .methods.base import Picks, PruneTarget
 from .methods.greg import GReg, GRegConfig, MaskKeeper
-from .methods.l1 import filter_scores
+from .methods.l1 import CRITERIA, filter_scores, group_scores
 from .ratios import Plan, make_plan
 from .surgery import apply_picks, periodic_picks
 
@@ -43,12 +43,21 @@ def plan_targets(graph: GroupGraph, plan: Plan, penalize_coupled: bool = False,
     return targets
 
 
-def l1_picks(graph: GroupGraph, targets: list[PruneTarget], how: str = "min", seed: int = 0) -> Picks:
-    """L1 picks per target, keeping grouped-conv blocks even where a group passes through one."""
+def l1_picks(graph: GroupGraph, targets: list[PruneTarget], how: str = "min", seed: int = 0,
+             criterion: str = "filter") -> Picks:
+    """L1 picks per target, keeping grouped-conv blocks even where a group passes through one.
+
+    criterion "filter": the pruned layer's own filter norms (the papers' L1); "group": the channel's magnitude
+    over every layer of its channel group (the consumers' input weights and the BN scales too)."""
+    if criterion not in CRITERIA:
+        raise UserError(f"unknown criterion {criterion!r}: expected one of {', '.join(CRITERIA)}")
     gen = torch.Generator().manual_seed(seed)
     picks: Picks = {}
     for t in targets:
-        scores = filter_scores(t.module)
+        if criterion == "group" and t.name in graph.groups:
+            scores = group_scores(t.module, graph.coupled_params(t.name, include_bn=True))
+        else:
+            scores = filter_scores(t.module)
         if how == "max":
             scores = -scores
         elif how == "rand":
@@ -68,15 +77,17 @@ def _example(model: nn.Module, example_inputs: torch.Tensor | None) -> torch.Ten
 def prune(model: nn.Module, example_inputs: torch.Tensor, method: str = "l1", ratios: str | None = None, *,
           speedup: float | None = None, target_macs: float | None = None, skip: list[str] | None = None,
           round_to: int | None = None, include_coupled: bool = False, pick: str = "min", seed: int = 0,
-          inplace: bool = False) -> PruneResult:
-    """One-shot L1 pruning of any traceable model: returns the smaller dense model (a copy unless `inplace`)."""
+          criterion: str = "filter", inplace: bool = False) -> PruneResult:
+    """One-shot L1 pruning of any traceable model: returns the smaller dense model (a copy unless `inplace`).
+
+    `criterion="group"` scores each channel over its whole coupled group instead of the pruned filter alone."""
     if method != "l1":
         raise UserError(f"prune() does one-shot pruning (method='l1'); for {method!r} use regprune.regularizer()")
     target = model if inplace else copy.deepcopy(model)
     x = _example(target, example_inputs)
     graph = analyze(target, x, include_coupled=include_coupled)
     plan = make_plan(graph, ratios, speedup=speedup, target_macs=target_macs, skip=skip, round_to=round_to)
-    picks = l1_picks(graph, plan_targets(graph, plan), pick, seed)
+    picks = l1_picks(graph, plan_targets(graph, plan), pick, seed, criterion)
     apply_picks(graph, picks)
     return PruneResult(target, picks, plan)
 

@@ -139,6 +139,7 @@ class JobOptions:
     round_to: int | None = None
     include_coupled: bool = False
     pick: str = "min"
+    criterion: str = "filter"  # L1's channel score: "filter" (the papers') or "group" (the whole coupled group)
     unstructured: bool = False
     penalize_coupled: bool = False
     reg_iters: int | None = None  # scale GReg's schedule to this many iterations
@@ -390,6 +391,10 @@ def check_options(o: JobOptions, job: str) -> None:
         return
     if o.method not in ("l1", "greg1", "greg2"):
         raise UserError(f"unknown method {o.method!r}: expected l1, greg1 or greg2 (or use `regprune scratch`)")
+    if o.criterion not in ("filter", "group"):
+        raise UserError(f"unknown criterion {o.criterion!r}: expected filter or group")
+    if o.criterion != "filter" and o.method != "l1":
+        raise UserError("--criterion applies to --method l1 (GReg picks by its own regularized magnitudes)")
     if o.base is None:
         raise UserError(_NO_BASE)
     if o.base == "pretrained":
@@ -446,6 +451,10 @@ def prune_job(o: JobOptions, run: RunDir) -> dict[str, Any]:
     """Base -> (regularize) -> remove -> fine-tune -> evaluate -> report, resumable phase by phase."""
     if o.method not in ("l1", "greg1", "greg2"):
         raise UserError(f"unknown method {o.method!r}: expected l1, greg1 or greg2 (or use `regprune scratch`)")
+    if o.criterion not in ("filter", "group"):
+        raise UserError(f"unknown criterion {o.criterion!r}: expected filter or group")
+    if o.criterion != "filter" and o.method != "l1":
+        raise UserError("--criterion applies to --method l1 (GReg picks by its own regularized magnitudes)")
     bundle = _data(o)
     x = example_input(bundle)
     train_loader, test_loader = _loaders(o, bundle)
@@ -465,7 +474,7 @@ def prune_job(o: JobOptions, run: RunDir) -> dict[str, Any]:
     keeper = None
 
     if o.method == "l1":
-        picks = l1_picks(graph, plan_targets(graph, plan), o.pick, o.seed)
+        picks = l1_picks(graph, plan_targets(graph, plan), o.pick, o.seed, o.criterion)
     else:
         reg_loader, _ = _loaders(o, bundle, o.reg_batch_size)
         cfg = greg_config(o, len(reg_loader))

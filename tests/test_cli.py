@@ -242,6 +242,8 @@ CASES: dict[str, Case] = {
                                  ("bad GReg setting", "warp_speed")),
     "greg-bad-value": Case(prune(*RANDOM, "--speedup", "2", "--method", "greg2", "--greg", "update_reg_interval=0"),
                            ("update_reg_interval",)),
+    "criterion-with-greg": Case(prune(*RANDOM, "--speedup", "2", "--method", "greg1", "--criterion", "group"),
+                                ("--criterion applies to --method l1",)),
     # recipes
     "recipe-bad-yaml": Case(prune(*RANDOM, "--recipe", "{a}/bad_syntax.yaml"), ("not valid YAML",)),
     "recipe-python-tag": Case(prune(*RANDOM, "--recipe", "{a}/python_tag.yaml"), ("python/object/apply",),

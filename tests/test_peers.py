@@ -45,7 +45,7 @@ def test_peers_smoke(tmp_path: Path, keep_threads) -> None:
     for r in rows:
         if r["method"] in ("tp_bnscale", "tp_groupnorm", "tp_growingreg", "spm"):
             assert r["reg_iters"] == s["reg_iters"], r["method"]
-        elif r["method"] in ("l1", "tp_magnitude"):
+        elif r["method"] in ("l1", "l1_group", "tp_magnitude"):
             assert r["reg_iters"] == 0
         else:
             assert 0 < r["reg_iters"] <= 2 * s["reg_iters"]

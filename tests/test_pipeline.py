@@ -80,6 +80,17 @@ def test_l1_prune_command(tmp_path):
     assert widths["layer1.0.conv1"] == {"dense": 16, "kept": 8}
     assert widths["layer1.0.conv2"] == {"dense": 16, "kept": 16}
 
+    # --criterion group reaches the picks: they are the Python API's group picks on the same base
+    cli("prune", "--method", "l1", "--criterion", "group", "--model", "resnet20", "--base",
+        str(tmp_path / "base" / "model.safetensors"), "--data", "digits", "--ratios", "*.conv1:0.5", "--ft-epochs", "1",
+        "--out", str(tmp_path / "l1g"), "--no-progress", "--batch-size", "64")
+    base, _ = regprune.load(tmp_path / "base" / "model.safetensors")
+    x = torch.zeros(1, 1, 8, 8)
+    expected = regprune.prune(base, x, ratios="*.conv1:0.5", criterion="group").picks
+    got = json.loads((tmp_path / "l1g" / "picks.json").read_text())
+    assert {k: sorted(v) for k, v in got.items() if v} == {k: sorted(v) for k, v in expected.items() if v}
+    assert got != json.loads((tmp_path / "l1" / "picks.json").read_text())
+
 
 class TinyNet(nn.Module):
     """A user's own model, not from the registry."""

@@ -11,9 +11,10 @@ import torch.nn as nn
 
 from .base import Picks, PruneTarget
 
-__all__ = ["PICK_MODES", "filter_scores", "select_indices", "pick_filters", "L1Pruner"]
+__all__ = ["CRITERIA", "PICK_MODES", "filter_scores", "group_scores", "select_indices", "pick_filters", "L1Pruner"]
 
 PICK_MODES = ("min", "max", "rand")
+CRITERIA = ("filter", "group")
 
 
 def _check_root(module: nn.Module) -> torch.Tensor:
@@ -28,6 +29,24 @@ def filter_scores(module: nn.Module) -> torch.Tensor:
     """Mean |W[n]| of every filter (output channel) of a Conv or Linear layer, shape [n_filters]."""
     w = _check_root(module).detach()
     return w.abs().float().flatten(1).mean(dim=1)
+
+
+def group_scores(module: nn.Module, coupled: list[tuple[str, torch.Tensor, int]]) -> torch.Tensor:
+    """Channel magnitude over the whole coupled group: the mean, over the root filters and every coupled
+    slice, of sum |W| per channel (BN: |gamma|; biases left out). This is the group L1 importance of
+    DepGraph / Torch-Pruning's GroupMagnitudeImportance(p=1); a slice whose channel count differs from the
+    root's (a concat or grouped conv in between) is left out rather than guessed."""
+    root = _check_root(module).detach().float()
+    n = root.shape[0]
+    parts = [root.abs().flatten(1).sum(dim=1)]
+    for name, param, dim in coupled:
+        if name.endswith(".bias"):
+            continue
+        w = param.detach().float()
+        if w.dim() == 0 or w.shape[dim] != n:
+            continue
+        parts.append(w.abs().transpose(0, dim).reshape(n, -1).sum(dim=1))
+    return torch.stack(parts).mean(dim=0)
 
 
 def select_indices(

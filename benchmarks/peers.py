@@ -2,7 +2,7 @@
 
 One CIFAR-style ResNet-20 (1-channel stem) is trained on Fashion-MNIST until its test accuracy stops rising.
 Then, for every MACs target (2x, 4x, 8x fewer: kept fractions 0.5 / 0.25 / 0.125) and every seed, a copy of
-that one base is pruned eight ways and fine-tuned with exactly the same settings (regprune's Trainer):
+that one base is pruned nine ways and fine-tuned with exactly the same settings (regprune's Trainer):
 
   l1             regprune one-shot L1 (`regprune.prune(target_macs=...)`), no extra training
   l1_group       the same with `criterion="group"`: each channel scored over its whole coupled group

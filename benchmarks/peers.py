@@ -132,7 +132,7 @@ SCALES: dict[str, Settings] = {
     "cpu": Settings(scale="cpu", limit_train=3000, limit_test=1000, batch_size=64, base_epochs=15, base_lr=0.1,
                     base_cycle_epochs=5, base_cycle_lr=0.01, base_max_cycles=4, plateau_tol=0.3, reg_iters=100,
                     reg_lr=0.01, ft_epochs=3, ft_lr=0.01, seeds=3, threads=0, **_COMMON),
-    # all 70,000 images on one GPU; sized so that the 72 jobs fit in about 20 minutes of an H100 with --jobs 12
+    # all 70,000 images on one GPU; sized so that the 81 jobs fit in about 20 minutes of an H100 with --jobs 12
     "gpu": Settings(scale="gpu", limit_train=None, limit_test=None, batch_size=128, base_epochs=20, base_lr=0.1,
                     base_cycle_epochs=5, base_cycle_lr=0.01, base_max_cycles=4, plateau_tol=0.1, reg_iters=1000,
                     reg_lr=0.01, ft_epochs=5, ft_lr=0.01, seeds=3, device="cuda", amp=True, workers=2, threads=1,

@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402,F401  (puts the repository root on sys.path)
+import common  # noqa: E402  (puts the repository root on sys.path)
 from common import hardware_info, log, write_json  # noqa: E402
 
 import torch  # noqa: E402
@@ -47,6 +47,7 @@ from regprune.api import prune as rp_prune  # noqa: E402
 from regprune.engine import atomic_write_text  # noqa: E402
 from regprune.api import regularizer as rp_regularizer  # noqa: E402
 from regprune.counting import count_macs, count_params  # noqa: E402
+from regprune.errors import UserError  # noqa: E402
 from regprune.graph import CUSTOM_PRUNERS  # noqa: E402
 from regprune.methods.greg import GRegConfig  # noqa: E402
 from regprune.methods.spm import SPMRegularizer, insert_gates  # noqa: E402
@@ -625,8 +626,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     cuda = torch.cuda.is_available()
     if args.cuda_only and not cuda:
-        print("error: --cuda-only needs a CUDA device, and torch sees none", file=sys.stderr)
-        sys.exit(2)
+        raise UserError("--cuda-only needs a CUDA device, and torch sees none")
     res: dict[str, Any] = {"benchmark": "cost", "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
                            "hardware": hardware_info("cuda" if cuda else "cpu"),
                            "settings": {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("picks_file", "child_device")}}
@@ -670,4 +670,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    common.run_script(main)

@@ -54,7 +54,7 @@ def l1_picks(graph: GroupGraph, targets: list[PruneTarget], how: str = "min", se
     gen = torch.Generator().manual_seed(seed)
     picks: Picks = {}
     for t in targets:
-        if criterion == "group" and t.name in graph.groups:
+        if criterion == "group":
             scores = group_scores(t.module, graph.coupled_params(t.name, include_bn=True))
         else:
             scores = filter_scores(t.module)

@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     _run_opts(p)
     _ratio_opts(p)
     p.add_argument("--pick", choices=["min", "max", "rand"])
-    p.add_argument("--criterion", choices=["filter", "group"],
+    p.add_argument("--criterion", choices=["filter", "group"],  # methods.l1.CRITERIA (not imported: torch-free parsing)
                    help="L1's channel score: the pruned filter's norm (default, the papers') or the channel's "
                         "magnitude over its whole coupled group")
     p.add_argument("--unstructured", action="store_true", default=None, help="per-weight instead of per-filter")

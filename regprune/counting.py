@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["count_macs", "count_params", "kept_layer_macs", "layer_macs", "macs_hook"]
+__all__ = ["count_macs", "count_params", "hooked_forward", "kept_layer_macs", "layer_macs", "macs_hook"]
 
 
 def macs_hook(name: str, out: dict[str, int]):
@@ -29,21 +29,27 @@ def kept_layer_macs(macs, c_out: int, c_in: int, removed_out=0, removed_in=0, de
     return macs * f_out * (1 - removed_in / c_in)
 
 
-def layer_macs(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, int]:
-    """Per-sample MACs of every Conv2d/Linear, by module name (weight.numel() * output positions)."""
-    out: dict[str, int] = {}
-    hooks = [m.register_forward_hook(macs_hook(name, out)) for name, m in model.named_modules()
-             if isinstance(m, (nn.Conv2d, nn.Linear))]
+def hooked_forward(model: nn.Module, example_inputs: torch.Tensor, hooks: list) -> object:
+    """One eval-mode, no-grad forward pass on the first sample with the given (already registered) hooks,
+    which are removed afterwards; the model's training mode is restored. Returns the model's output."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             x = example_inputs[:1] if isinstance(example_inputs, torch.Tensor) else example_inputs
-            model(x)
+            return model(x)
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
+
+
+def layer_macs(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, int]:
+    """Per-sample MACs of every Conv2d/Linear, by module name (weight.numel() * output positions)."""
+    out: dict[str, int] = {}
+    hooked_forward(model, example_inputs, [m.register_forward_hook(macs_hook(name, out))
+                                           for name, m in model.named_modules()
+                                           if isinstance(m, (nn.Conv2d, nn.Linear))])
     return out
 
 

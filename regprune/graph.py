@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from .counting import macs_hook
+from .counting import hooked_forward, macs_hook
 from .errors import UserError
 from .models.cifar import PadShortcut
 
@@ -97,16 +97,7 @@ def _probe(model: nn.Module, example_inputs: torch.Tensor) -> tuple[dict[str, in
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             hooks.append(m.register_forward_hook(macs_hook(name, macs)))
             hooks.append(m.register_forward_hook(lambda mod, i, o, _n=name: produced.__setitem__(id(o), _n)))
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            x = example_inputs[:1] if isinstance(example_inputs, torch.Tensor) else example_inputs
-            out = model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
+    out = hooked_forward(model, example_inputs, hooks)
     outs = out if isinstance(out, (tuple, list)) else [out]
     return macs, {produced[id(o)] for o in outs if id(o) in produced}
 

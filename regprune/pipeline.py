@@ -25,6 +25,7 @@ from .data import DataBundle, load_data, make_loaders
 from .errors import UserError
 from .graph import analyze
 from .methods.greg import GRegConfig
+from .methods.l1 import CRITERIA
 from .models import create_model, model_info
 from .ratios import make_plan
 from .report import compare_latency, format_table, plot_filter_norms, plot_lines, plot_widths, write_widths
@@ -391,8 +392,8 @@ def check_options(o: JobOptions, job: str) -> None:
         return
     if o.method not in ("l1", "greg1", "greg2"):
         raise UserError(f"unknown method {o.method!r}: expected l1, greg1 or greg2 (or use `regprune scratch`)")
-    if o.criterion not in ("filter", "group"):
-        raise UserError(f"unknown criterion {o.criterion!r}: expected filter or group")
+    if o.criterion not in CRITERIA:
+        raise UserError(f"unknown criterion {o.criterion!r}: expected one of {', '.join(CRITERIA)}")
     if o.criterion != "filter" and o.method != "l1":
         raise UserError("--criterion applies to --method l1 (GReg picks by its own regularized magnitudes)")
     if o.base is None:
@@ -451,8 +452,8 @@ def prune_job(o: JobOptions, run: RunDir) -> dict[str, Any]:
     """Base -> (regularize) -> remove -> fine-tune -> evaluate -> report, resumable phase by phase."""
     if o.method not in ("l1", "greg1", "greg2"):
         raise UserError(f"unknown method {o.method!r}: expected l1, greg1 or greg2 (or use `regprune scratch`)")
-    if o.criterion not in ("filter", "group"):
-        raise UserError(f"unknown criterion {o.criterion!r}: expected filter or group")
+    if o.criterion not in CRITERIA:
+        raise UserError(f"unknown criterion {o.criterion!r}: expected one of {', '.join(CRITERIA)}")
     if o.criterion != "filter" and o.method != "l1":
         raise UserError("--criterion applies to --method l1 (GReg picks by its own regularized magnitudes)")
     bundle = _data(o)

@@ -1,7 +1,16 @@
 """Small helpers shared by the tests."""
 
+import importlib.util
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 import torch.nn as nn
+
+from regprune.data.mnist import FASHION_MNIST_DEFAULT_PATH
 
 
 def randomise_bn(model: nn.Module, seed: int = 0) -> None:
@@ -16,16 +25,6 @@ def randomise_bn(model: nn.Module, seed: int = 0) -> None:
 
 
 # ---- benchmark scripts (benchmarks/*.py are scripts, not a package: loaded by path)
-import importlib.util  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-
-from regprune.data.mnist import FASHION_MNIST_DEFAULT_PATH  # noqa: E402
-
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 needs_fashion = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT_PATH),
                                    reason="Debian package dataset-fashion-mnist not installed")

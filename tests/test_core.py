@@ -221,42 +221,6 @@ def test_custom_model_needs_the_dense_instance(tmp_path):
     assert max_abs_diff(loaded, model, x) == 0
 
 
-def test_group_criterion_picks_what_torch_pruning_group_magnitude_picks() -> None:
-    """criterion="group" scores a channel over its whole coupled group (root filter, the consumer conv's input
-    slice, BN's gamma), the group L1 importance of Torch-Pruning's GroupMagnitudeImportance(p=1): on a ResNet-20
-    with random BN, the channels it removes per block are exactly the ones Torch-Pruning's MagnitudePruner
-    removes at the same widths, while the filter-only criterion removes others."""
-    import torch_pruning as tp
-
-    from regprune import prune
-    from regprune.graph import CUSTOM_PRUNERS
-
-    torch.manual_seed(0)
-    model = create_model("resnet20", num_classes=10, in_channels=1)
-    randomise_bn(model)
-    x = torch.randn(1, 1, 28, 28)
-    ours = prune(model, x, target_macs=0.25, criterion="group")
-    filt = prune(model, x, target_macs=0.25)
-    assert ours.plan.removal == filt.plan.removal
-
-    theirs_model = copy.deepcopy(model)
-    graph = analyze(theirs_model, x)
-    roots = set(ours.plan.removal)
-    bns = {m.name for r in roots for m in graph.groups[r].members if "BatchNorm" in m.kind}
-    ignored = [m for n, m in theirs_model.named_modules()
-               if (isinstance(m, (nn.Conv2d, nn.Linear)) and n not in roots) or (isinstance(m, nn.BatchNorm2d) and n not in bns)]
-    ratios = {theirs_model.get_submodule(r): (k - 1e-6) / graph.groups[r].channels for r, k in ours.plan.removal.items()}
-    pruner = tp.pruner.MagnitudePruner(theirs_model, x, importance=tp.importance.GroupMagnitudeImportance(p=1),
-                                       pruning_ratio_dict=ratios, ignored_layers=ignored, customized_pruners=CUSTOM_PRUNERS)
-    names = {m: n for n, m in theirs_model.named_modules()}
-    theirs = {}
-    for group in pruner.step(interactive=True):
-        dep, idxs = group[0]
-        theirs[names[dep.target.module]] = sorted(int(i) for i in idxs)
-    assert theirs == {r: sorted(v) for r, v in ours.picks.items() if v}
-    assert filt.picks != ours.picks  # the two criteria do disagree on this model
-
-
 def test_unknown_criterion_is_a_user_error() -> None:
     model = create_model("resnet20", num_classes=10, in_channels=1)
     from regprune import prune

@@ -99,7 +99,7 @@ def test_cost_cuda_only_without_a_gpu_is_one_line(capsys) -> None:
         pytest.skip("a CUDA device is present")
     cost = _load("cost")
     with pytest.raises(SystemExit) as exc:
-        cost.main(["--cuda-only"])
+        cost.common.run_script(lambda: cost.main(["--cuda-only"]))
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "CUDA" in err[0]
@@ -139,3 +139,33 @@ def test_peers_gpu_plan_parses_without_a_gpu(keep_threads) -> None:
     assert s["device"] == "cuda" and s["limit_train"] is None and s["seeds"] == 3
     assert res["estimate"]["jobs"] == len(s["methods"]) * len(s["targets"]) * s["seeds"] == 81
     assert res["estimate"]["hours_upper"] > 0
+
+
+def test_group_criterion_picks_what_torch_pruning_group_magnitude_picks() -> None:
+    """criterion="group" scores a channel over its whole coupled group (root filter, the consumer conv's input
+    slice, BN's gamma), the group L1 importance of Torch-Pruning's GroupMagnitudeImportance(p=1): on a ResNet-20
+    with random BN, the channels it removes per block are exactly the ones the benchmark's Torch-Pruning
+    MagnitudePruner removes at the same widths, while the filter-only criterion removes others."""
+    import copy
+
+    from helpers import randomise_bn
+    from regprune import create_model, prune
+
+    peers = _load("peers")
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, in_channels=1)
+    randomise_bn(model)
+    x = torch.randn(1, 1, 28, 28)
+    ours = prune(model, x, target_macs=0.25, criterion="group")
+    filt = prune(model, x, target_macs=0.25)
+    assert ours.plan.removal == filt.plan.removal
+
+    theirs_model = copy.deepcopy(model)
+    pruner, _, _ = peers.tp_pruner("tp_magnitude", theirs_model, x, 0.25, peers.SCALES["smoke"])
+    names = {m: n for n, m in theirs_model.named_modules()}
+    theirs = {}
+    for group in pruner.step(interactive=True):
+        dep, idxs = group[0]
+        theirs[names[dep.target.module]] = sorted(int(i) for i in idxs)
+    assert theirs == {r: sorted(v) for r, v in ours.picks.items() if v}
+    assert filt.picks != ours.picks  # the two criteria do disagree on this model

@@ -17,17 +17,21 @@ from .methods.greg import GReg, GRegConfig, MaskKeeper
 from .methods.l1 import CRITERIA, filter_scores, group_scores
 from .ratios import Plan, make_plan
 from .surgery import apply_picks, periodic_picks
+from .verify import check_example_inputs
 
 __all__ = ["prune", "regularizer", "Regularizer", "PruneResult", "plan_targets", "l1_picks"]
 
 
 @dataclass
 class PruneResult:
-    """A physically pruned model, what was removed, and the plan it followed."""
+    """A physically pruned model, what was removed, the plan it followed, and the verification that ran
+    (`verification`: modes, outputs compared, largest relative difference from the dense model with the
+    removed channels zeroed)."""
 
     model: nn.Module
     picks: Picks
     plan: Plan
+    verification: dict | None = None
 
 
 def plan_targets(graph: GroupGraph, plan: Plan, penalize_coupled: bool = False,
@@ -68,47 +72,84 @@ def l1_picks(graph: GroupGraph, targets: list[PruneTarget], how: str = "min", se
     return picks
 
 
-def _example(model: nn.Module, example_inputs: torch.Tensor | None) -> torch.Tensor:
+def _example(model: nn.Module, example_inputs: Any) -> Any:
+    """The example inputs as the graph takes them: a tensor (its first sample), a tuple/list of positional inputs
+    or a dict of keyword inputs (as given: every input is used)."""
     if example_inputs is None:
-        raise UserError("example_inputs is required: a batch (even of 1) shaped like the model's input")
-    return example_inputs[:1]
+        raise UserError("example_inputs is required: a batch (even of 1) shaped like the model's input, a tuple "
+                        "of positional inputs or a dict of keyword inputs")
+    if isinstance(example_inputs, torch.Tensor):
+        return example_inputs[:1] if example_inputs.dim() > 0 else example_inputs
+    return check_example_inputs(example_inputs)
+
+
+def _prune_with_optimizer(graph: GroupGraph, picks: Picks, optimizer, include_coupled: bool) -> None:
+    """Surgery (verified) that keeps a training loop's optimizer right: it gets the new parameters and its
+    per-parameter state (momentum, Adam moments) sliced to the kept channels."""
+    if optimizer is None:
+        apply_picks(graph, picks)
+        return
+    from .optim_state import kept_indices, rebind_optimizer
+
+    old = dict(graph.model.named_parameters())
+    kept = kept_indices(graph.model, graph.example_inputs, picks, include_coupled)
+    apply_picks(graph, picks)
+    rebind_optimizer(optimizer, old, graph.model, kept)
 
 
 def prune(model: nn.Module, example_inputs: torch.Tensor, method: str = "l1", ratios: str | None = None, *,
           speedup: float | None = None, target_macs: float | None = None, skip: list[str] | None = None,
           round_to: int | None = None, include_coupled: bool = False, pick: str = "min", seed: int = 0,
-          criterion: str = "filter", inplace: bool = False) -> PruneResult:
+          criterion: str = "filter", inplace: bool = False, optimizer: torch.optim.Optimizer | None = None
+          ) -> PruneResult:
     """One-shot L1 pruning of any traceable model: returns the smaller dense model (a copy unless `inplace`).
 
-    `criterion="group"` scores each channel over its whole coupled group instead of the pruned filter alone."""
+    `example_inputs`: a tensor (N, ...), a tuple/list of positional inputs, or a dict of keyword inputs.
+    `criterion="group"` scores each channel over its whole coupled group instead of the pruned filter alone.
+    Every result is verified (see `regprune.verify`): the pruned model equals the dense model with the removed
+    channels zeroed, in eval and train mode, or UserError names the groups at fault and the model is left as it
+    was. With `inplace=True, optimizer=opt` the optimizer is pointed at the new parameters and its state sliced.
+    Raises UserError for an unreachable target, a plan that removes nothing, or a model wrapped in DDP."""
     if method != "l1":
         raise UserError(f"prune() does one-shot pruning (method='l1'); for {method!r} use regprune.regularizer()")
+    if optimizer is not None and not inplace:
+        raise UserError("optimizer= needs inplace=True: a pruned copy's parameters are not in your optimizer")
     target = model if inplace else copy.deepcopy(model)
     x = _example(target, example_inputs)
     graph = analyze(target, x, include_coupled=include_coupled)
     plan = make_plan(graph, ratios, speedup=speedup, target_macs=target_macs, skip=skip, round_to=round_to)
     picks = l1_picks(graph, plan_targets(graph, plan), pick, seed, criterion)
-    apply_picks(graph, picks)
-    return PruneResult(target, picks, plan)
+    _prune_with_optimizer(graph, picks, optimizer, include_coupled)
+    return PruneResult(target, picks, plan, getattr(target, "regprune_verification", None))
 
 
 class Regularizer:
     """GReg-1/GReg-2 around an existing training loop: call `after_backward()` between backward and step,
     `on_step_end()` after the step, stop when `done()`, then `prune()`."""
 
-    def __init__(self, graph: GroupGraph, plan: Plan, method: str, config: GRegConfig, unstructured: bool) -> None:
+    def __init__(self, graph: GroupGraph, plan: Plan, method: str, config: GRegConfig, unstructured: bool,
+                 include_coupled: bool = False) -> None:
         self.graph = graph
         self.plan = plan
         self.method = method
         self.unstructured = unstructured
+        self.include_coupled = include_coupled
         self.targets = plan_targets(graph, plan, config.penalize_coupled, unstructured)
         self.greg = GReg(self.targets, config, method=method)
+        self.pruned = False
+
+    def _live(self, what: str) -> None:
+        if self.pruned:
+            raise UserError(f"Regularizer.{what}() after prune(): the model is already pruned; build a new "
+                            "regularizer for another round")
 
     # the hook protocol, forwarded so the object can go straight into the engine's hooks list
     def after_backward(self, trainer: Any = None) -> None:
+        self._live("after_backward")
         self.greg.after_backward(trainer)
 
     def on_step_end(self, trainer: Any = None) -> None:
+        self._live("on_step_end")
         self.greg.on_step_end(trainer)
 
     def should_stop(self, trainer: Any = None) -> bool:
@@ -130,9 +171,15 @@ class Regularizer:
     def picks(self) -> Picks:
         return self.greg.picks()
 
-    def prune(self) -> nn.Module:
-        """Remove the driven-to-zero filters physically (structured) or fix masks (unstructured); returns the model."""
+    def prune(self, optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
+        """Remove the driven-to-zero filters physically (structured) or fix masks (unstructured); returns the model.
+
+        The removal is verified like every other (UserError and the model unchanged on a mismatch). Pass the
+        training loop's `optimizer` to have it point at the new parameters with its momentum sliced to the kept
+        channels. A second call raises UserError."""
+        self._live("prune")
         if self.unstructured:
+            self.pruned = True
             masks = self.greg.masks()
             with torch.no_grad():
                 for t in self.targets:
@@ -141,7 +188,9 @@ class Regularizer:
         picks = self.greg.picks()
         if self.graph.groups and any(self.graph.groups[r].ch_groups > 1 for r in picks):
             raise UserError("GReg picks on groups through grouped convs are not supported yet; skip those layers")
-        return apply_picks(self.graph, picks)
+        _prune_with_optimizer(self.graph, picks, optimizer, self.include_coupled)
+        self.pruned = True
+        return self.graph.model
 
     def mask_keeper(self) -> MaskKeeper:
         """For unstructured runs: a hook that holds pruned weights at zero through fine-tuning."""
@@ -157,6 +206,10 @@ def regularizer(model: nn.Module, example_inputs: torch.Tensor, method: str = "g
         raise UserError(f"unknown regularization method {method!r}: expected greg1 or greg2")
     graph = analyze(model, _example(model, example_inputs), include_coupled=include_coupled)
     plan = make_plan(graph, ratios, speedup=speedup, target_macs=target_macs, skip=skip, round_to=round_to)
+    transposed = [r for r in plan.removal if getattr(graph.module(r), "transposed", False)]
+    if transposed and not unstructured:
+        raise UserError(f"GReg on transposed-conv filters is not supported yet ({transposed[0]}); skip those layers "
+                        "or prune them with method l1")
     if config is None:
         config = GRegConfig.scaled(iters, method, **config_overrides) if iters else GRegConfig(**config_overrides)
-    return Regularizer(graph, plan, method, config, unstructured)
+    return Regularizer(graph, plan, method, config, unstructured, include_coupled)

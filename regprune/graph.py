@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
+from torch.utils._pytree import tree_flatten
 
-from .counting import hooked_forward, macs_hook
+from .counting import call_model, is_counted, is_depthwise, macs_hook
 from .errors import UserError
 from .models.cifar import PadShortcut
 
@@ -75,6 +76,7 @@ class ChannelGroup:
     reason: str = ""
     coupled: bool = False
     ch_groups: int = 1  # >1 when a grouped conv reads or writes these channels: picks repeat per block
+    unsafe: bool = False  # its removal could not be verified exact on a trial copy
 
     @property
     def macs_share(self) -> float:
@@ -84,31 +86,93 @@ class ChannelGroup:
 
 
 def _is_depthwise(m: nn.Module) -> bool:
-    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+    return is_depthwise(m)
 
 
-def _probe(model: nn.Module, example_inputs: torch.Tensor) -> tuple[dict[str, int], set[str]]:
-    """One forward pass: per-sample MACs of every conv/linear layer, and the names of those whose output is
-    (directly) the network's output."""
+def _grouped(m: nn.Module) -> bool:
+    """A grouped (not depthwise) convolution: its channel blocks must stay even."""
+    return isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and not is_depthwise(m)
+
+
+def _probe(model: nn.Module, example_inputs) -> tuple[dict[str, int], set[str], set[str], set[str]]:
+    """Forward passes that read what the trace does not say: per-sample MACs of every counted layer, the layers
+    whose output reaches a network output through parameter-free or per-channel functions only (found by graph
+    position: a walk back from every output through the autograd graph that stops at counted layers), the
+    modules that run in eval mode, and those that run only in train mode (auxiliary heads)."""
+    from .verify import _buffers_kept, _run, train_batch
+
     macs: dict[str, int] = {}
-    produced: dict[int, str] = {}
+    produced: dict[Any, str] = {}
+    called_eval: set[str] = set()
     hooks = []
+
+    def mark(name):
+        def hook(mod, inp, out):
+            called_eval.add(name)
+            if is_counted(mod) and not is_depthwise(mod) and isinstance(out, torch.Tensor) and out.grad_fn is not None:
+                produced[out.grad_fn] = name
+        return hook
+
     for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
+        if is_counted(m):
             hooks.append(m.register_forward_hook(macs_hook(name, macs)))
-            hooks.append(m.register_forward_hook(lambda mod, i, o, _n=name: produced.__setitem__(id(o), _n)))
-    out = hooked_forward(model, example_inputs, hooks)
-    outs = out if isinstance(out, (tuple, list)) else [out]
-    return macs, {produced[id(o)] for o in outs if id(o) in produced}
+        hooks.append(m.register_forward_hook(mark(name)))
+    was = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            out = call_model(model, example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, f in flags:
+            p.requires_grad_(f)
+        model.train(was)
+    outputs: set[str] = set()
+    stack = [t.grad_fn for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    seen = set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if fn in produced:
+            outputs.add(produced[fn])
+            continue
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    del out, produced
+    called_train: set[str] = set()
+    hooks = [m.register_forward_hook(lambda mod, i, o, _n=name: called_train.add(_n)) for name, m in model.named_modules()]
+    try:
+        with _buffers_kept(model):
+            _run(model, train_batch(example_inputs), train=True)
+    except Exception:  # a model that cannot run in train mode: nothing runs only there
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return macs, outputs, called_eval, called_train - called_eval
 
 
 class GroupGraph:
-    """A model's dependency graph with its channel groups, keyed by root layer name."""
+    """A model's dependency graph with its channel groups, keyed by root layer name.
 
-    def __init__(self, model: nn.Module, example_inputs: torch.Tensor, include_coupled: bool = False,
-                 family: str | None = None) -> None:
+    `example_inputs`: a tensor, a tuple/list of positional inputs or a dict of keyword inputs (all are used).
+    With `safety=True` (what `analyze` does) every candidate group is cut on a trial copy and verified first;
+    groups that fail are out of scope with the reason (`unsafe: ...`)."""
+
+    def __init__(self, model: nn.Module, example_inputs: Any, include_coupled: bool = False,
+                 family: str | None = None, safety: bool = True) -> None:
+        from .verify import check_example_inputs
+
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            raise UserError(f"the model is wrapped in {type(model).__name__}: prune the wrapped module "
+                            "(model.module), then wrap the pruned model again")
         self.model = model
-        self.example_inputs = example_inputs
+        self.example_inputs = check_example_inputs(example_inputs)
         self.names = {m: n for n, m in model.named_modules()}
         was_training = model.training
         try:
@@ -118,10 +182,15 @@ class GroupGraph:
             raise UserError(f"cannot trace the model's channel dependencies: {type(exc).__name__}: {exc}") from exc
         finally:
             model.train(was_training)  # the tracer switches to eval mode
-        self.layer_macs, self.outputs = _probe(model, example_inputs)
+        self.layer_macs, self.outputs, called, self.train_only = _probe(model, example_inputs)
+        traced = set(self.dg.module2node)
+        self.untraced = sorted(n for n, m in model.named_modules() if n in called and m not in traced
+                               and is_counted(m))
         self.total_macs = sum(self.layer_macs.values())
         self.groups: dict[str, ChannelGroup] = {}
         self._build(include_coupled, family)
+        if safety:
+            self._decide_safety()
 
     def module(self, name: str) -> nn.Module:
         return self.model.get_submodule(name)
@@ -141,14 +210,16 @@ class GroupGraph:
         return members
 
     def _build(self, include_coupled: bool, family: str | None) -> None:
-        for group in self.dg.get_all_groups(root_module_types=(nn.Conv2d, nn.Linear)):
+        for group in self.dg.get_all_groups(root_module_types=(nn.modules.conv._ConvNd, nn.Linear)):
             root_mod = group[0].dep.target.module
+            if isinstance(root_mod, nn.modules.conv._ConvNd) and root_mod.transposed:
+                pass  # a transposed conv roots its group like any conv: Torch-Pruning maps its dims
             root = self.names[root_mod]
             members = self._members(group)
-            writers = [m.name for m in members if m.side == "out" and m.kind in ("Conv2d", "Linear")
-                       and not _is_depthwise(self.module(m.name))]
+            writers = [m.name for m in members if m.side == "out" and is_counted(self.module(m.name))
+                       and not is_depthwise(self.module(m.name))]
             writers += [m.name for m in members if m.side == "out" and m.kind == "PadShortcut"]
-            touched = {m.name for m in members if m.kind in ("Conv2d", "Linear")}
+            touched = {m.name for m in members if is_counted(self.module(m.name))}
             g = ChannelGroup(root=root, channels=len(group[0].idxs), members=members, writers=writers,
                              macs=sum(self.layer_macs.get(n, 0) for n in touched))
             g._total = self.total_macs
@@ -156,13 +227,13 @@ class GroupGraph:
             partial = False
             for m in members:
                 mod = self.module(m.name)
-                if isinstance(mod, nn.Conv2d) and mod.groups > 1 and not _is_depthwise(mod):
+                if _grouped(mod):
                     g.ch_groups = max(g.ch_groups, mod.groups)
                     width = mod.out_channels if m.side == "out" else mod.in_channels
                     partial |= width != g.channels
             readers = {m.name for m in members if m.side == "in"}
             if any(w in self.outputs for w in writers):
-                g.reason = "network output (classifier)"
+                g.reason = "network output: these channels reach a model output"
             elif partial:
                 g.reason = "covers only part of a grouped conv's channels (cannot keep its groups even)"
             elif g.channels < 2:
@@ -176,6 +247,34 @@ class GroupGraph:
             else:
                 g.in_scope = True
             self.groups[root] = g
+
+    def _decide_safety(self) -> None:
+        """Cut a few channels of every group that could be pruned on a trial copy and verify (see
+        `verify.group_safety`); a failing group leaves the scope with the reason."""
+        from .surgery import verified_surgery
+        from .verify import _trial_picks, group_safety
+
+        cands = {}
+        for g in self.groups.values():
+            if g.reason.startswith(("network output", "covers only part", "single channel")):
+                continue
+            picks = _trial_picks(g)
+            if picks is None:
+                g.in_scope, g.reason = False, "one channel per grouped-conv block"
+                continue
+            cands[g.root] = picks
+        factory = lambda m, x: GroupGraph(m, x, safety=False)  # noqa: E731
+        bad = group_safety(self.model, self.example_inputs, factory, cands, verified_surgery)
+        hint = ""
+        if self.untraced:
+            hint += f"; layers the trace never reached: {', '.join(self.untraced[:4])}"
+        if self.train_only:
+            hint += f"; layers that run only in train mode: {', '.join(sorted(self.train_only)[:4])}"
+        for root, why in bad.items():
+            g = self.groups[root]
+            g.in_scope = False
+            g.unsafe = True
+            g.reason = f"unsafe: cutting 1-2 of its channels on a trial copy is not exact ({why}){hint}"
 
     def group_of(self, layer_name: str) -> ChannelGroup:
         """The group whose writers include `layer_name` (a conv or linear)."""
@@ -204,8 +303,10 @@ class GroupGraph:
             if isinstance(mod, nn.modules.batchnorm._BatchNorm):
                 if include_bn:
                     out += [(f"{m.name}.weight", mod.weight, 0), (f"{m.name}.bias", mod.bias, 0)]
-            elif isinstance(mod, (nn.Conv2d, nn.Linear)):
+            elif is_counted(mod):
+                transposed = getattr(mod, "transposed", False)
                 dim = 0 if (m.side == "out" or _is_depthwise(mod)) else 1
+                dim = 1 - dim if transposed else dim
                 out.append((f"{m.name}.weight", mod.weight, dim))
         return out
 
@@ -221,6 +322,8 @@ def model_family(model: nn.Module) -> str | None:
     return None
 
 
-def analyze(model: nn.Module, example_inputs: torch.Tensor, include_coupled: bool = False) -> GroupGraph:
-    """Trace `model` and return its channel groups with the default scope marked."""
+def analyze(model: nn.Module, example_inputs: Any, include_coupled: bool = False) -> GroupGraph:
+    """Trace `model` and return its channel groups with the default scope marked; groups whose removal a trial
+    cut cannot verify exact are out of scope with the reason. Raises UserError when the model cannot be traced,
+    runs no example input, or is wrapped in (Distributed)DataParallel."""
     return GroupGraph(model, example_inputs, include_coupled, model_family(model))

@@ -514,7 +514,8 @@ def prune_job(o: JobOptions, run: RunDir) -> dict[str, Any]:
             if E.is_main():
                 save_model(pruned, run.file("pruned_init.safetensors"))
                 E.atomic_write_text(run.file("picks.json"), json.dumps(picks, indent=1))
-            run.mark("prune", pruned_before_ft=_eval(pruned, test_loader, o.device))
+            run.mark("prune", pruned_before_ft=_eval(pruned, test_loader, o.device),
+                     verification=getattr(pruned, "regprune_verification", None))
             pruned.cpu()
     _debug_rank_dump("prune", pruned, picks=picks)
 
@@ -554,11 +555,16 @@ def _report(o: JobOptions, run: RunDir, dense: nn.Module, pruned: nn.Module, x: 
         rows[1]["sparsity"] = f"{100 * zeros / total:.1f}%"
     columns = list(rows[0]) + (["sparsity"] if o.unstructured else [])
     table = format_table(rows, columns)
+    ver = res.get("verification")
+    if ver:
+        table += (f"\nverified: the pruned model equals the dense one with the removed channels zeroed "
+                  f"({' and '.join(ver['modes'])} mode, max relative difference {ver['max_rel_diff']:.1e})")
     macs_speedup = rows[0]["MMACs"] / rows[1]["MMACs"]
     report = {"method": o.method, "model": o.model, "data": bundle.name, "rows": rows, "macs_speedup": macs_speedup,
               "latency_speedup_b1": lat1["dense"] / lat1["pruned"], "latency_speedup_b64": lat64["dense"] / lat64["pruned"],
               "pruned_before_finetune": res.get("pruned_before_ft"), "best_top1": res.get("best_top1"),
-              "plan": res.get("plan"), "regularize": res.get("regularize")}
+              "plan": res.get("plan"), "regularize": res.get("regularize"),
+              "verification": res.get("verification")}
     if E.is_main():
         E.atomic_write_text(run.file("report.json"), json.dumps(E.log.to_jsonable(report), indent=1))
         E.atomic_write_text(run.file("report.md"), f"# {o.method} on {o.model} / {bundle.name}\n\n{table}\n")

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from .counting import kept_layer_macs
+from .counting import channels, is_counted, is_depthwise, kept_layer_macs
 from .errors import UserError
-from .graph import ChannelGroup, GroupGraph, _is_depthwise
+from .graph import ChannelGroup, GroupGraph
 
 __all__ = ["parse_ratios", "removed_count", "plan_removal", "estimate_macs", "solve_target", "Plan", "make_plan"]
 
@@ -144,68 +144,150 @@ def plan_removal(graph: GroupGraph, ratios: dict[str, float], round_to: int | No
     return out
 
 
-def estimate_macs(graph: GroupGraph, removal: dict[str, int]) -> int:
-    """MACs after removing `removal[root]` channels per group, computed from the layer table without surgery."""
-    rm_out: dict[str, int] = {}
-    rm_in: dict[str, int] = {}
+def _member_removal(graph: GroupGraph, removal: dict[str, int]) -> tuple[dict[str, float], dict[str, float]]:
+    """Output and input channels each counted layer loses under `removal` (channels per group root).
+
+    A member layer whose channel count on its side is smaller than the group's (it reads or writes only part
+    of the group, e.g. after torch.split / chunk) loses its share, k * width / group channels; each count is
+    capped at the layer's width. A depthwise conv loses its k channels once, as outputs (its inputs are its
+    outputs)."""
+    rm_out: dict[str, float] = {}
+    rm_in: dict[str, float] = {}
     for root, k in removal.items():
-        for m in graph.groups[root].members:
-            side = rm_out if m.side == "out" else rm_in
-            side[m.name] = side.get(m.name, 0) + k
+        if k <= 0:
+            continue
+        g = graph.groups[root]
+        done: set[str] = set()
+        for m in g.members:
+            if m.name not in graph.layer_macs:
+                continue
+            mod = graph.module(m.name)
+            if not is_counted(mod):
+                continue
+            c_out, c_in = channels(mod)
+            side_out = m.side == "out" or is_depthwise(mod)
+            if is_depthwise(mod):
+                if m.name in done:
+                    continue
+                done.add(m.name)
+            width = c_out if side_out else c_in
+            lost = k * width / g.channels if width < g.channels else k
+            side = rm_out if side_out else rm_in
+            side[m.name] = min(side.get(m.name, 0) + lost, width)
+    return rm_out, rm_in
+
+
+def estimate_macs(graph: GroupGraph, removal: dict[str, int]) -> int:
+    """Per-sample MACs after removing `removal[root]` channels per group, from the graph's layer table (no
+    surgery): each counted layer's dense MACs x kept fraction of outputs x kept fraction of inputs (see
+    `_member_removal` for layers that see only part of a group). Never negative."""
+    rm_out, rm_in = _member_removal(graph, removal)
     total = 0.0
     for name, macs in graph.layer_macs.items():
         mod = graph.module(name)
-        n_out = mod.out_channels if isinstance(mod, nn.Conv2d) else mod.out_features
-        n_in = mod.in_channels if isinstance(mod, nn.Conv2d) else mod.in_features
-        total += kept_layer_macs(macs, n_out, n_in, rm_out.get(name, 0), rm_in.get(name, 0), _is_depthwise(mod))
-    return int(round(total))
+        c_out, c_in = channels(mod)
+        total += kept_layer_macs(macs, c_out, c_in, rm_out.get(name, 0), rm_in.get(name, 0), is_depthwise(mod))
+    return max(0, int(round(total)))
+
+
+# reasons that put a group out of scope only while include_coupled is False, and what they name
+_COUPLED_ONLY = {"residual-coupled": "residual streams", "stem": "the stem",
+                 "classifier input": "the classifier input"}
+
+
+def _coupled_hint(graph: GroupGraph) -> str:
+    """'; --include-coupled ... reaches further' naming what it would add, when groups are out of scope only
+    for want of include_coupled; else ''."""
+    found = [what for prefix, what in _COUPLED_ONLY.items()
+             if any(not g.in_scope and g.reason.startswith(prefix) for g in graph.groups.values())]
+    if not found:
+        return ""
+    return (f"; --include-coupled (include_coupled=True in Python) also prunes {' and '.join(found)}, "
+            "which reaches further")
 
 
 def solve_target(graph: GroupGraph, keep_fraction: float, base: dict[str, float] | None = None,
-                 round_to: int | None = None) -> tuple[dict[str, float], float]:
-    """Scale ratios (uniform over the scope, or proportional to `base`) to the nearest achievable MACs fraction."""
+                 round_to: int | None = None, *, asked: str | None = None,
+                 hint: str | None = None) -> tuple[dict[str, float], float]:
+    """Ratios (uniform over the scope, or proportional to `base`) whose plan keeps `keep_fraction` of the
+    dense MACs, within 2% (relative); returns them with the kept fraction they give.
+
+    `asked`: the target as the user wrote it, for messages (default "MACs target F"); `hint`: appended to the
+    out-of-reach message (default: the --include-coupled hint when `base` is None and it applies).
+    Raises UserError when no group is in scope, when even the most the scope can remove (every group down to
+    one channel, or one block per grouped conv) keeps more than keep_fraction * 1.02 (the message names the
+    best reachable speedup), or when channel steps are too coarse to land within 2%."""
     if not (0.0 < keep_fraction <= 1.0):
         raise UserError(f"MACs target {keep_fraction:g} out of range: expected a kept fraction in (0, 1]")
+    asked = asked or f"MACs target {keep_fraction:g}"
     roots = list(base) if base else [g.root for g in graph.scope()]
     if not roots:
-        raise UserError("no prunable layer in scope to reach the MACs target")
+        raise UserError("nothing to prune: no channel group is in the prunable scope (see `regprune inspect`)"
+                        + _coupled_hint(graph))
     weights = base or {r: 1.0 for r in roots}
     top = max(weights.values())
+    tol = 0.02 * keep_fraction
 
     def ratios_at(t: float) -> dict[str, float]:
         return {r: min(t * weights[r] / top, 0.999) for r in roots}
 
-    def frac(t: float) -> float:
-        return estimate_macs(graph, plan_removal(graph, ratios_at(t), round_to)) / graph.total_macs
+    def frac_of(removal: dict[str, int]) -> float:
+        return estimate_macs(graph, removal) / graph.total_macs
 
-    lo, hi = 0.0, 0.999
-    if frac(hi) > keep_fraction:
-        best = ratios_at(hi)
-        return best, frac(hi)
+    def frac(t: float) -> float:
+        return frac_of(plan_removal(graph, ratios_at(t), round_to))
+
+    lo, hi = 0.0, 0.999 * top / min(weights.values())  # at hi every ratio is at its 0.999 cap
+    if frac(hi) > keep_fraction + tol:
+        best = frac(hi)
+        if hint is None:
+            hint = "" if base else _coupled_hint(graph)
+        raise UserError(f"{asked} is out of reach for this scope: at most {1 / max(best, 1e-12):.2f}x "
+                        f"(kept MACs fraction {best:.4f} with its {len(roots)} groups cut to their minimum width)"
+                        + hint)
     for _ in range(40):
         mid = (lo + hi) / 2
         if frac(mid) > keep_fraction:
             lo = mid
         else:
             hi = mid
-    # refine one channel at a time from the coarse side, keeping ratios as even as possible
-    ratios = ratios_at(lo)
-    removal = plan_removal(graph, ratios, round_to)
+    # refine one channel step at a time from the coarse side, keeping ratios as even as possible; at the step
+    # that crosses the target, try every group's step and keep the one that lands nearest
+    removal = plan_removal(graph, ratios_at(lo), round_to)
     best = (abs(frac(hi) - keep_fraction), ratios_at(hi))
     step = round_to if round_to and round_to > 1 else 1
+
+    def grow(rm: dict[str, int], r: str) -> dict[str, int]:
+        return {**rm, r: rm[r] + max(step, graph.groups[r].ch_groups)}
+
+    def as_ratios(rm: dict[str, int]) -> dict[str, float]:
+        return {r: rm[r] / graph.groups[r].channels for r in roots}
+
     for _ in range(10_000):
-        cur = estimate_macs(graph, removal) / graph.total_macs
+        cur = frac_of(removal)
         if abs(cur - keep_fraction) < best[0]:
-            best = (abs(cur - keep_fraction), {r: removal[r] / graph.groups[r].channels for r in roots})
+            best = (abs(cur - keep_fraction), as_ratios(removal))
         if cur <= keep_fraction:
             break
         cands = [r for r in roots if removal[r] + step <= graph.groups[r].channels - max(step, graph.groups[r].ch_groups)]
         if not cands:
             break
         r = min(cands, key=lambda q: (removal[q] / graph.groups[q].channels / (weights[q] / top), q))
-        removal[r] += max(step, graph.groups[r].ch_groups)
+        nxt = grow(removal, r)
+        if frac_of(nxt) < keep_fraction - tol:  # the even step overshoots: the nearest single step instead
+            for q in cands:
+                trial = grow(removal, q)
+                err = abs(frac_of(trial) - keep_fraction)
+                if err < best[0]:
+                    best = (err, as_ratios(trial))
+        removal = nxt
     ratios = best[1]
-    return ratios, estimate_macs(graph, plan_removal(graph, ratios, round_to)) / graph.total_macs
+    got = frac_of(plan_removal(graph, ratios, round_to))
+    if abs(got - keep_fraction) > tol:
+        coarse = f" (round_to={round_to})" if round_to and round_to > 1 else ""
+        raise UserError(f"{asked} cannot be met within 2%: the nearest plan keeps {got:.4f} of the MACs "
+                        f"({1 / max(got, 1e-12):.2f}x); one channel step of this scope{coarse} is too coarse")
+    return ratios, got
 
 
 @dataclass
@@ -224,22 +306,45 @@ class Plan:
 
 def make_plan(graph: GroupGraph, spec: str | None = None, *, speedup: float | None = None,
               target_macs: float | None = None, skip: list[str] | None = None, round_to: int | None = None) -> Plan:
-    """Turn a ratio spec and/or a MACs target into a removal plan for `graph`'s model."""
+    """Turn a ratio spec and/or a MACs target into a removal plan for `graph`'s model.
+
+    With a target alone the ratios are uniform over the scope; with a spec too they are scaled in proportion
+    to it. Raises UserError for conflicting or out-of-range targets, a target the scope cannot reach within 2%
+    (see `solve_target`), and a plan that removes nothing ("nothing to prune: ...")."""
     if speedup is not None and target_macs is not None:
         raise UserError("give either --speedup or --target-macs, not both")
+    asked = None
     if speedup is not None:
         if not speedup >= 1.0:
             raise UserError(f"speedup {speedup:g} out of range: expected a number >= 1")
         target_macs = 1.0 / speedup
-    base = parse_ratios(spec, graph, skip) if spec else None
-    if target_macs is not None:
-        ratios, _ = solve_target(graph, target_macs, base, round_to)
-    elif base is not None:
-        ratios = base
-    else:
+        asked = f"speedup {speedup:g}x"
+    if not spec and target_macs is None:
         raise UserError("say how much to prune: --ratios SPEC, --speedup X or --target-macs F")
+    base = parse_ratios(spec, graph, skip) if spec else None
+    if base is not None and not base:
+        raise UserError(f"nothing to prune: the ratio spec {spec!r} gives no in-scope group a ratio above 0"
+                        + (" (after --skip)" if skip else ""))
+    hint = None
+    if base is None and skip and target_macs is not None:  # solve over the groups the plan will keep
+        base = {g.root: 1.0 for g in graph.scope() if not any(fnmatch.fnmatchcase(g.root, p) for p in skip)}
+        hint = _coupled_hint(graph)
+        if not base and graph.scope():
+            raise UserError("nothing to prune: --skip excludes every in-scope group")
+    if target_macs is not None:
+        ratios, _ = solve_target(graph, target_macs, base, round_to, asked=asked, hint=hint)
+    else:
+        ratios = base
     if skip:
         ratios = {k: v for k, v in ratios.items() if not any(fnmatch.fnmatchcase(k, p) for p in skip)}
     removal = {k: v for k, v in plan_removal(graph, ratios, round_to).items() if v > 0}
+    if not removal:
+        if target_macs is not None and target_macs >= 1.0:
+            why = f"{asked or f'MACs target {target_macs:g}'} keeps every channel"
+        elif not ratios:
+            why = "every in-scope group is skipped"
+        else:
+            why = "every selected group keeps all its channels at these ratios (too few channels or blocks)"
+        raise UserError(f"nothing to prune: {why}")
     return Plan(ratios={k: ratios[k] for k in removal}, removal=removal, dense_macs=graph.total_macs,
                 pruned_macs=estimate_macs(graph, removal))

@@ -36,9 +36,10 @@ def compare_latency(models: dict[str, nn.Module], x: torch.Tensor, repeats: int 
 
 
 def layer_widths(model: nn.Module) -> dict[str, int]:
-    """Output width of every conv and linear layer, by name."""
-    return {n: (m.out_channels if isinstance(m, nn.Conv2d) else m.out_features)
-            for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    """Output width (out channels / out features) of every conv, transposed conv and linear layer, by name."""
+    from .counting import channels, is_counted
+
+    return {n: channels(m)[0] for n, m in model.named_modules() if is_counted(m)}
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:

@@ -192,7 +192,9 @@ def scratch_job(o: JobOptions, run: RunDir, extra: dict[str, Any]) -> dict[str, 
         save_model(pruned, run.file("model.safetensors"),
                    {"method": "spm", "dataset": bundle.name, "top1": final["top1"], "target_macs": o.target_macs,
                     "macs_fraction": macs_frac, "seed": o.seed, "input_size": bundle.image_size})
-    run.mark("reconfigure", final=final, gated=gated_metrics, reconfig_max_abs_diff=diff, macs_fraction=macs_frac)
+    verification = getattr(pruned, "regprune_verification", None)
+    run.mark("reconfigure", final=final, gated=gated_metrics, reconfig_max_abs_diff=diff, macs_fraction=macs_frac,
+             verification=verification)
 
     lat = compare_latency({"dense": dense.eval(), "pruned": pruned}, x, repeats=20)
     rows = [summary_row("dense (same arch, untrained)", dense, x, None), summary_row("pruned from scratch (SPM)", pruned, x, final)]
@@ -203,7 +205,7 @@ def scratch_job(o: JobOptions, run: RunDir, extra: dict[str, Any]) -> dict[str, 
     table = format_table(rows, list(rows[0]))
     report = {"method": "spm", "model": o.model, "data": bundle.name, "rows": rows, "target_macs": o.target_macs,
               "macs_fraction": macs_frac, "macs_gap_vs_target": macs_frac - o.target_macs,
-              "reconfig_max_abs_diff": diff, "gated": gated_metrics, "settings": s,
+              "reconfig_max_abs_diff": diff, "gated": gated_metrics, "settings": s, "verification": verification,
               "search_macs_fraction": monitor.snapped[0] if monitor.snapped else None,
               "latency_speedup_b1": lat["dense"] / lat["pruned"]}
     if E.is_main():
@@ -218,6 +220,6 @@ def scratch_job(o: JobOptions, run: RunDir, extra: dict[str, Any]) -> dict[str, 
     snap = (f" (the search ended at {100 * monitor.snapped[0]:.1f}%; the gates nearest the threshold were moved to "
             f"meet the budget)" if monitor.snapped and abs(monitor.snapped[0] - monitor.snapped[1]) > 1e-9 else "")
     text = (f"{table}\nMACs {100 * macs_frac:.1f}% of dense (target {100 * o.target_macs:.1f}%){snap}, "
-            f"reconfiguration max |diff| {diff:.2e}, gated top-1 {gated_metrics['top1']:.2f} -> reconfigured "
+            f"reconfiguration max |diff| {diff:.2e} (verified: {bool(verification)}), gated top-1 {gated_metrics['top1']:.2f} -> reconfigured "
             f"{final['top1']:.2f}; run in {run.path}")
     return {"table": text, "report": report}

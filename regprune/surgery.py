@@ -13,56 +13,97 @@ import torch.nn as nn
 
 from .errors import UserError
 from .graph import GroupGraph, analyze
+from .verify import Mismatch, ModelSnapshot, Verification, consumer_columns, group_safety, verify_outputs, zero_consumers
 from .methods.base import Picks
+from .counting import call_model
 from .models import create_model
 from .models.cifar import PadShortcut
 
-__all__ = ["apply_picks", "zero_channels", "periodic_picks", "check_periodic", "pruned_copy", "max_abs_diff", "save_model", "load_model", "describe", "FORMAT"]
+__all__ = ["apply_picks", "verified_surgery", "reference_model", "periodic_picks", "check_periodic", "pruned_copy", "max_abs_diff", "save_model", "load_model", "describe", "FORMAT"]
 
 FORMAT = "regprune.model/1"
 
 
-def apply_picks(graph: GroupGraph, picks: Picks) -> nn.Module:
-    """Remove `picks[root]` output channels of each group root, and every coupled channel, in place."""
-    touched: set[str] = set(getattr(graph.model, "regprune_pruned", []))
+def _validate(graph: GroupGraph, picks: Picks) -> dict[str, list[int]]:
+    clean: dict[str, list[int]] = {}
     for root, idxs in picks.items():
         if root not in graph.groups:
             raise UserError(f"picked layer {root!r} is not a channel-group root of this model")
         n = graph.groups[root].channels
+        idxs = sorted(set(int(i) for i in idxs))
+        if idxs and (idxs[0] < 0 or idxs[-1] >= n):
+            raise UserError(f"picks for {root} must lie in 0..{n - 1}")
         if len(idxs) >= n:
             raise UserError(f"cannot remove all {n} channels of {root}")
         if idxs:
-            check_periodic(graph, root, list(idxs))
-            group = graph.tp_group(root, sorted(set(int(i) for i in idxs)))
-            touched.update(graph.names[item.dep.target.module] for item in group
-                           if item.dep.target.module in graph.names)
-            group.prune()
+            check_periodic(graph, root, idxs)
+            clean[root] = idxs
+    return clean
+
+
+def _surgery(graph: GroupGraph, picks: dict[str, list[int]]) -> None:
+    """Torch-Pruning's group removal for every pick, in place; records the touched layers on the model."""
+    touched: set[str] = set(getattr(graph.model, "regprune_pruned", []))
+    param_owner = {id(p): n.rsplit(".", 1)[0] if "." in n else "" for n, p in graph.model.named_parameters()}
+    for root, idxs in picks.items():
+        group = graph.tp_group(root, idxs)
+        for item in group:
+            target = item.dep.target.module
+            if target in graph.names:
+                touched.add(graph.names[target])
+            elif id(target) in param_owner:  # a parameter used directly in forward (layer scale, bias, ...)
+                touched.add(param_owner[id(target)])
+        group.prune()
     graph.model.regprune_pruned = sorted(touched)
+
+
+def verified_surgery(graph: GroupGraph, picks: Picks) -> Verification:
+    """Remove the picks in place and verify the result against the dense model with the removed channels
+    zeroed (see `regprune.verify`). On a mismatch the model is restored in place and `Mismatch` is raised."""
+    picks = _validate(graph, picks)
+    reference = zero_consumers(graph.model, consumer_columns(graph, picks))
+    snapshot = ModelSnapshot(graph.model)
+    try:
+        _surgery(graph, picks)
+        return verify_outputs(graph.model, reference, graph.example_inputs)
+    except BaseException:
+        snapshot.restore()
+        raise
+
+
+def apply_picks(graph: GroupGraph, picks: Picks, verify: bool = True) -> nn.Module:
+    """Remove `picks[root]` output channels of each group root, and every coupled channel, in place; returns
+    the model with the check's result in `model.regprune_verification` (a dict).
+
+    With `verify` (always, except for internal index probes) the pruned model is run at the graph's example
+    inputs in eval and train mode and must equal the dense model with the removed channels zeroed; otherwise
+    the model is restored and UserError names the group(s) at fault and what differed."""
+    if not verify:
+        _surgery(graph, _validate(graph, picks))
+        return graph.model
+    try:
+        result = verified_surgery(graph, picks)
+    except Mismatch as exc:
+        clean = _validate(graph, picks)
+        faulty = _faulty_groups(graph, clean) if len(clean) > 1 else {r: str(exc) for r in clean}
+        detail = "; ".join(f"{r}: {why}" for r, why in list(faulty.items())[:3]) or str(exc)
+        raise UserError(f"pruning refused, the result would not be exact (model left unchanged): {detail}") from None
+    graph.model.regprune_verification = result.as_dict()
     return graph.model
 
 
-def zero_channels(graph: GroupGraph, picks: Picks) -> list:
-    """Forward hooks that force the picked channels' activations to zero in the dense model; returns handles."""
-    handles = []
-    for root, idxs in picks.items():
-        if not idxs:
-            continue
-        for item in graph.tp_group(root, sorted(idxs)):
-            mod = item.dep.target.module
-            depthwise = isinstance(mod, nn.Conv2d) and mod.groups > 1 and mod.groups == mod.in_channels
-            if not (graph.dg.is_out_channel_pruning_fn(item.dep.handler) or depthwise):
-                continue
-            if not isinstance(mod, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, PadShortcut)):
-                continue
-            index = torch.tensor(sorted(set(int(i) for i in item.idxs)), dtype=torch.long)
+def _faulty_groups(graph: GroupGraph, picks: dict[str, list[int]]) -> dict[str, str]:
+    """The groups whose picks alone fail verification (bisection on copies of the restored model)."""
+    from .verify import _CACHE  # noqa: F401  (group_safety caches by picks too)
 
-            def hook(_mod, _inp, out, _idx=index):
-                out = out.clone()
-                out[:, _idx] = 0
-                return out
+    factory = lambda m, x: GroupGraph(m, x, safety=False)  # noqa: E731
+    return group_safety(graph.model, graph.example_inputs, factory, picks, verified_surgery)
 
-            handles.append(mod.register_forward_hook(hook))
-    return handles
+
+def reference_model(graph: GroupGraph, picks: Picks) -> nn.Module:
+    """A copy of the dense model that computes what the pruned one must: every layer reading a picked channel
+    ignores it (its input weights for that channel are zero)."""
+    return zero_consumers(graph.model, consumer_columns(graph, _validate(graph, picks)))
 
 
 def check_periodic(graph: GroupGraph, root: str, idxs: list[int]) -> None:
@@ -89,11 +130,14 @@ def periodic_picks(graph: GroupGraph, root: str, scores: torch.Tensor, k: int) -
 
 
 @torch.no_grad()
-def max_abs_diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
-    """Largest absolute difference between two models' outputs on `x` (eval mode)."""
+def max_abs_diff(a: nn.Module, b: nn.Module, x) -> float:
+    """Largest absolute difference between two models' outputs on `x` (eval mode; any input form)."""
+    from torch.utils._pytree import tree_flatten
+
     a.eval()
     b.eval()
-    return float((a(x) - b(x)).abs().max())
+    pairs = zip(tree_flatten(call_model(a, x))[0], tree_flatten(call_model(b, x))[0])
+    return max(float((u - v).abs().max()) for u, v in pairs if isinstance(u, torch.Tensor))
 
 
 def describe(model: nn.Module) -> dict[str, Any]:

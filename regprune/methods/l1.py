@@ -18,9 +18,12 @@ CRITERIA = ("filter", "group")
 
 
 def _check_root(module: nn.Module) -> torch.Tensor:
-    # Transposed convs keep output channels on dim 1, so "dim 0 = filter" would silently be wrong.
-    is_conv = isinstance(module, nn.modules.conv._ConvNd) and not module.transposed
-    if not (is_conv or isinstance(module, nn.Linear)):
+    # Transposed convs keep output channels on dim 1 of (in, out/groups, k...): view them filter-first.
+    if isinstance(module, nn.modules.conv._ConvNd) and module.transposed:
+        if module.groups != 1:
+            raise TypeError("filter scores of a grouped transposed conv are not supported")
+        return module.weight.transpose(0, 1)
+    if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
         raise TypeError(f"filter scores need a Conv or Linear layer, got {type(module).__name__}")
     return module.weight
 

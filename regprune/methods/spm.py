@@ -282,11 +282,12 @@ class _Layer:
     """A conv/linear layer's dense MACs and which gated groups feed its output and input channels."""
 
     def __init__(self, name: str, mod: nn.Module, macs: int) -> None:
+        from ..counting import channels, is_depthwise
+
         self.name = name
         self.macs = macs
-        self.c_out = mod.out_channels if isinstance(mod, nn.Conv2d) else mod.out_features
-        self.c_in = mod.in_channels if isinstance(mod, nn.Conv2d) else mod.in_features
-        self.depthwise = _is_depthwise(mod)
+        self.c_out, self.c_in = channels(mod)
+        self.depthwise = is_depthwise(mod)
         self.out_roots: list[str] = []
         self.in_roots: list[str] = []
 

@@ -264,29 +264,38 @@ def _inspect_model(args: argparse.Namespace):
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .counting import count_params
+    import copy
+
+    from .api import l1_picks, plan_targets
+    from .counting import count_macs, count_params, uncounted_layers
     from .graph import analyze
     from .ratios import make_plan
     from .report import format_table
+    from .surgery import apply_picks
 
     model, x = _inspect_model(args)
     graph = analyze(model, x, include_coupled=bool(args.include_coupled))
-    plan = None
+    uncounted = uncounted_layers(model, x)
+    plan = pruned = None
     if args.ratios or args.speedup or args.target_macs:
         plan = make_plan(graph, args.ratios, speedup=args.speedup, target_macs=args.target_macs, skip=args.skip,
                          round_to=args.round_to)
+        # the plan is carried out on a copy with L1 picks and verified, as `prune` would
+        clone = copy.deepcopy(model)
+        cgraph = analyze(clone, x, include_coupled=bool(args.include_coupled))
+        pruned = apply_picks(cgraph, l1_picks(cgraph, plan_targets(cgraph, plan)))
+    groups = [{"root": g.root, "channels": g.channels, "members": [m.name for m in g.members],
+               "macs_share": round(g.macs_share, 5), "in_scope": g.in_scope, "unsafe": g.unsafe,
+               "reason": g.reason} for g in graph.groups.values()]
     if args.json:
         out: dict[str, Any] = {"model": args.model, "dense_macs": graph.total_macs, "dense_params": count_params(model),
-                               "groups": [{"root": g.root, "channels": g.channels, "members": [m.name for m in g.members],
-                                           "macs_share": round(g.macs_share, 5), "in_scope": g.in_scope,
-                                           "reason": g.reason} for g in graph.groups.values()]}
+                               "groups": groups, "uncounted_layers": [list(u) for u in uncounted]}
         if plan is not None:
-            from .surgery import pruned_copy
-
-            pruned = pruned_copy(model, x, {r: list(range(k)) for r, k in plan.removal.items()}, bool(args.include_coupled))
-            out.update(pruned_macs=plan.pruned_macs, speedup=round(plan.speedup, 4), pruned_params=count_params(pruned),
-                       ratios=plan.ratios, removed=plan.removal,
-                       widths={r: graph.groups[r].channels - k for r, k in plan.removal.items()})
+            out.update(pruned_macs=count_macs(pruned, x), planned_macs=plan.pruned_macs,
+                       speedup=round(graph.total_macs / max(count_macs(pruned, x), 1), 4),
+                       pruned_params=count_params(pruned), ratios=plan.ratios, removed=plan.removal,
+                       widths={r: graph.groups[r].channels - k for r, k in plan.removal.items()},
+                       verification=pruned.regprune_verification)
         print(json.dumps(out))
         return 0
     rows = []
@@ -298,10 +307,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         rows.append(row)
     print(f"{args.model}: {graph.total_macs / 1e6:.2f} MMACs, {count_params(model) / 1e6:.3f} M params, "
           f"{len(graph.groups)} channel groups, {len(graph.scope())} in scope")
-    print(format_table(rows, list(rows[0])))
+    if rows:
+        print(format_table(rows, list(rows[0])))
+    if uncounted:
+        print(f"note: MACs leave out {len(uncounted)} layer(s) of kinds the counter does not know: "
+              + ", ".join(f"{n} ({k})" for n, k in uncounted[:5]))
     if plan is not None:
-        print(f"plan: {plan.pruned_macs / 1e6:.2f} MMACs, speedup {plan.speedup:.2f}x "
-              f"({len(plan.removal)} groups pruned)")
+        real = count_macs(pruned, x)
+        ver = pruned.regprune_verification
+        print(f"plan: {real / 1e6:.2f} MMACs, speedup {graph.total_macs / max(real, 1):.2f}x "
+              f"({len(plan.removal)} groups pruned); carried out on a copy and verified "
+              f"(max relative difference {ver['max_rel_diff']:.1e}, {' and '.join(ver['modes'])} mode)")
     return 0
 
 

@@ -61,6 +61,7 @@ class Member:
     name: str
     kind: str
     side: str
+    per_channel: float = 1.0  # this layer's channels touched per group channel (flatten: H*W; a split part: <1)
 
 
 @dataclass
@@ -165,7 +166,7 @@ class GroupGraph:
     groups that fail are out of scope with the reason (`unsafe: ...`)."""
 
     def __init__(self, model: nn.Module, example_inputs: Any, include_coupled: bool = False,
-                 family: str | None = None, safety: bool = True) -> None:
+                 family: str | None = None, safety: bool = True, probe: bool = True) -> None:
         from .verify import check_example_inputs
 
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
@@ -182,7 +183,9 @@ class GroupGraph:
             raise UserError(f"cannot trace the model's channel dependencies: {type(exc).__name__}: {exc}") from exc
         finally:
             model.train(was_training)  # the tracer switches to eval mode
-        self.layer_macs, self.outputs, called, self.train_only = _probe(model, example_inputs)
+        self.layer_macs, self.outputs, called, self.train_only = ({}, set(), set(), set())
+        if probe:  # trial copies (see verify.group_safety) need the dependency graph only
+            self.layer_macs, self.outputs, called, self.train_only = _probe(model, example_inputs)
         traced = set(self.dg.module2node)
         self.untraced = sorted(n for n, m in model.named_modules() if n in called and m not in traced
                                and is_counted(m))
@@ -198,7 +201,8 @@ class GroupGraph:
     def _members(self, group) -> list[Member]:
         seen = set()
         members = []
-        for dep, _ in group:
+        n = max(1, len(group[0].idxs))
+        for dep, idxs in group:
             mod = dep.target.module
             if not isinstance(mod, nn.Module) or mod not in self.names:
                 continue
@@ -206,7 +210,7 @@ class GroupGraph:
             key = (self.names[mod], side)
             if key not in seen:
                 seen.add(key)
-                members.append(Member(self.names[mod], type(mod).__name__, side))
+                members.append(Member(self.names[mod], type(mod).__name__, side, len(idxs) / n))
         return members
 
     def _build(self, include_coupled: bool, family: str | None) -> None:
@@ -256,14 +260,14 @@ class GroupGraph:
 
         cands = {}
         for g in self.groups.values():
-            if g.reason.startswith(("network output", "covers only part", "single channel")):
+            if not g.in_scope:  # only what this scope could prune is tried (--include-coupled tries the streams)
                 continue
             picks = _trial_picks(g)
             if picks is None:
                 g.in_scope, g.reason = False, "one channel per grouped-conv block"
                 continue
             cands[g.root] = picks
-        factory = lambda m, x: GroupGraph(m, x, safety=False)  # noqa: E731
+        factory = lambda m, x: GroupGraph(m, x, safety=False, probe=False)  # noqa: E731
         bad = group_safety(self.model, self.example_inputs, factory, cands, verified_surgery)
         hint = ""
         if self.untraced:

@@ -147,9 +147,9 @@ def plan_removal(graph: GroupGraph, ratios: dict[str, float], round_to: int | No
 def _member_removal(graph: GroupGraph, removal: dict[str, int]) -> tuple[dict[str, float], dict[str, float]]:
     """Output and input channels each counted layer loses under `removal` (channels per group root).
 
-    A member layer whose channel count on its side is smaller than the group's (it reads or writes only part
-    of the group, e.g. after torch.split / chunk) loses its share, k * width / group channels; each count is
-    capped at the layer's width. A depthwise conv loses its k channels once, as outputs (its inputs are its
+    A member layer loses k times the channels it has per group channel, as the trace mapped them: H*W inputs
+    per channel after a flatten, a share when it reads only part of the group (torch.split / chunk); each
+    count is capped at the layer's width. A depthwise conv loses its k channels once, as outputs (its inputs are its
     outputs)."""
     rm_out: dict[str, float] = {}
     rm_in: dict[str, float] = {}
@@ -171,7 +171,7 @@ def _member_removal(graph: GroupGraph, removal: dict[str, int]) -> tuple[dict[st
                     continue
                 done.add(m.name)
             width = c_out if side_out else c_in
-            lost = k * width / g.channels if width < g.channels else k
+            lost = k * m.per_channel  # as traced: a flatten multiplies, a split part divides
             side = rm_out if side_out else rm_in
             side[m.name] = min(side.get(m.name, 0) + lost, width)
     return rm_out, rm_in

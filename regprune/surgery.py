@@ -94,9 +94,7 @@ def apply_picks(graph: GroupGraph, picks: Picks, verify: bool = True) -> nn.Modu
 
 def _faulty_groups(graph: GroupGraph, picks: dict[str, list[int]]) -> dict[str, str]:
     """The groups whose picks alone fail verification (bisection on copies of the restored model)."""
-    from .verify import _CACHE  # noqa: F401  (group_safety caches by picks too)
-
-    factory = lambda m, x: GroupGraph(m, x, safety=False)  # noqa: E731
+    factory = lambda m, x: GroupGraph(m, x, safety=False, probe=False)  # noqa: E731
     return group_safety(graph.model, graph.example_inputs, factory, picks, verified_surgery)
 
 
@@ -140,13 +138,39 @@ def max_abs_diff(a: nn.Module, b: nn.Module, x) -> float:
     return max(float((u - v).abs().max()) for u, v in pairs if isinstance(u, torch.Tensor))
 
 
+def _widths(mod: nn.Module) -> dict[str, Any]:
+    """The width attributes of a layer that pruning changes (what its forward reads besides its tensors)."""
+    if isinstance(mod, nn.modules.conv._ConvNd):
+        return {"in_channels": mod.in_channels, "out_channels": mod.out_channels, "groups": mod.groups}
+    if isinstance(mod, nn.Linear):
+        return {"in_features": mod.in_features, "out_features": mod.out_features}
+    if isinstance(mod, nn.modules.batchnorm._NormBase):  # BatchNorm*, InstanceNorm*
+        return {"num_features": mod.num_features}
+    if isinstance(mod, nn.LayerNorm):
+        return {"normalized_shape": list(mod.normalized_shape)}
+    if isinstance(mod, nn.GroupNorm):
+        return {"num_groups": mod.num_groups, "num_channels": mod.num_channels}
+    if isinstance(mod, nn.PReLU):
+        return {"num_parameters": mod.num_parameters}
+    if isinstance(mod, PadShortcut):
+        return {"in_planes": mod.in_planes}
+    return {}
+
+
 def describe(model: nn.Module) -> dict[str, Any]:
-    """The architecture facts needed to rebuild `model` from its registry name and its tensors' shapes."""
+    """The architecture facts needed to rebuild `model` from its registry name and its tensors' shapes.
+
+    "pruned" names the modules pruning touched (the owners of unwrapped parameters too: "" is the model
+    itself); only their tensors may differ from the dense architecture on load. "widths" holds their width
+    attributes (in/out channels, groups, normalized_shape, ...), exactly as the pruned model has them."""
     arch = getattr(model, "regprune_arch", None)
-    convs = {n: m.groups for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups != 1}
-    pads = {n: m.in_planes for n, m in model.named_modules() if isinstance(m, PadShortcut)}
+    mods = dict(model.named_modules())
+    convs = {n: m.groups for n, m in mods.items() if isinstance(m, nn.modules.conv._ConvNd) and m.groups != 1}
+    pads = {n: m.in_planes for n, m in mods.items() if isinstance(m, PadShortcut)}
+    pruned = sorted(set(getattr(model, "regprune_pruned", [])))
+    widths = {n: w for n in pruned if n in mods and (w := _widths(mods[n]))}
     return {"format": FORMAT, "arch": arch, "conv_groups": convs, "pad_in_planes": pads,
-            "pruned": list(getattr(model, "regprune_pruned", []))}
+            "pruned": pruned, "widths": widths}
 
 
 def save_model(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
@@ -176,8 +200,17 @@ def save_model(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any] |
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """Tensors and string metadata of a safetensors file (or of `path/model.safetensors`); nothing is unpickled.
+
+    The safetensors parse comes first: its 8-byte little-endian header length may begin with any byte (0x80,
+    a pickle's protocol byte, too). Only a file that fails that parse and starts like a pickle (0x80) or a
+    torch.save zip ("PK") is called a pickle.
+
+    Raises:
+        UserError: no such file; a folder without model.safetensors; a pickle-based file; any other file the
+        safetensors parser refuses (truncated, corrupt).
+    """
+    from safetensors import safe_open
 
     if not path.exists():
         raise UserError(f"model file {path} does not exist")
@@ -186,52 +219,102 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         if not cand.exists():
             raise UserError(f"{path} is a folder without model.safetensors")
         path = cand
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if head[:1] == b"\x80" or head[:2] == b"PK":
-        raise UserError(f"{path} is a pickle-based file (torch.save); it is refused because loading it could run "
-                        "code. Convert it with your own trusted code to a state_dict and use `regprune import`")
     try:
-        from safetensors import safe_open
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, Exception) as exc:  # any parse failure means a bad file
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # any parse failure means a bad file (SafetensorError, OSError, ValueError, ...)
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head[:1] == b"\x80" or head[:2] == b"PK":
+            raise UserError(f"{path} is a pickle-based file (torch.save) and is refused because loading it could run "
+                            "code: load it into your model with your own trusted code, then write it with "
+                            "regprune.save(model, path)") from None
         raise UserError(f"{path} is not a readable safetensors model file ({type(exc).__name__}: {str(exc)[:120]})") from None
     return state, header
 
 
+def _infer_widths(mod: nn.Module, name: str, prefix: str, state: dict[str, torch.Tensor],
+                  desc: dict[str, Any]) -> dict[str, Any]:
+    """Width attributes read off the file's tensors (files written before "widths" was recorded)."""
+    w = state.get(prefix + "weight")
+    if isinstance(mod, nn.modules.conv._ConvNd) and w is not None:
+        g = int(desc.get("conv_groups", {}).get(name, 1))
+        # weight: (out, in/groups, k...) for a conv, (in, out/groups, k...) for a transposed conv
+        first, second = int(w.shape[0]), int(w.shape[1]) * g
+        if mod.transposed:
+            return {"in_channels": first, "out_channels": second, "groups": g}
+        return {"out_channels": first, "in_channels": second, "groups": g}
+    if isinstance(mod, nn.Linear) and w is not None:
+        return {"out_features": int(w.shape[0]), "in_features": int(w.shape[1])}
+    if isinstance(mod, nn.modules.batchnorm._NormBase):
+        t = state.get(prefix + "running_mean", w)
+        return {} if t is None else {"num_features": int(t.shape[0])}
+    if isinstance(mod, nn.LayerNorm) and w is not None:
+        return {"normalized_shape": list(w.shape)}
+    if isinstance(mod, nn.GroupNorm) and w is not None:
+        return {"num_channels": int(w.shape[0])}
+    if isinstance(mod, nn.PReLU) and w is not None:
+        return {"num_parameters": int(w.numel())}
+    if isinstance(mod, PadShortcut) and name in desc.get("pad_in_planes", {}):
+        return {"in_planes": int(desc["pad_in_planes"][name])}
+    return {}
+
+
+def _fits_pruned(mod: nn.Module, tname: str, file_shape: torch.Size, own_shape: torch.Size) -> bool:
+    """Whether the architecture's tensor of `own_shape` can have become `file_shape` by channel pruning:
+    same rank, no dimension larger, a conv's kernel sizes unchanged, an unwrapped parameter cut along one dim."""
+    if len(file_shape) != len(own_shape) or any(a > b for a, b in zip(file_shape, own_shape)):
+        return False
+    if isinstance(mod, nn.modules.conv._ConvNd) and tname == "weight":
+        return tuple(file_shape[2:]) == tuple(own_shape[2:])
+    if _widths(mod):
+        return True  # Linear, norms, PReLU, PadShortcut: every dimension is a channel dimension
+    return sum(a != b for a, b in zip(file_shape, own_shape)) <= 1
+
+
 def _resize_to(model: nn.Module, state: dict[str, torch.Tensor], desc: dict[str, Any]) -> None:
-    """Rebuild layers whose widths differ from the file so the state dict fits exactly."""
-    groups = desc.get("conv_groups", {})
-    pads = desc.get("pad_in_planes", {})
-    resizable = set(desc.get("pruned", []))
+    """Rebuild layers whose widths differ from the file so the state dict fits exactly (in place).
+
+    Only modules in desc["pruned"] (layers pruning touched, and owners of pruned unwrapped parameters) change:
+    their width attributes are set from desc["widths"] (or read off the tensors for older files), and each of
+    their own parameters and buffers whose file shape pruning could have produced is replaced by an empty
+    tensor of that shape. Anything else keeps the architecture's shape, so `load_model` reports it."""
+    resizable = {n for n in desc.get("pruned") or [] if isinstance(n, str)}
+    recorded = desc.get("widths") if isinstance(desc.get("widths"), dict) else {}
     for name, mod in list(model.named_modules()):
         if name not in resizable:
             continue  # only layers that pruning touched may differ from the architecture
         prefix = f"{name}." if name else ""
-        if isinstance(mod, nn.Conv2d) and prefix + "weight" in state:
-            w = state[prefix + "weight"]
-            g = int(groups.get(name, 1))
-            mod.out_channels, mod.in_channels, mod.groups = w.shape[0], w.shape[1] * g, g
-        elif isinstance(mod, nn.Linear) and prefix + "weight" in state:
-            mod.out_features, mod.in_features = state[prefix + "weight"].shape
-        elif isinstance(mod, nn.modules.batchnorm._BatchNorm) and prefix + "running_mean" in state:
-            mod.num_features = state[prefix + "running_mean"].shape[0]
-        elif isinstance(mod, PadShortcut) and name in pads:
-            mod.in_planes = int(pads[name])
+        allowed = _widths(mod)
+        widths = recorded.get(name) if isinstance(recorded.get(name), dict) else None
+        if widths is None:
+            widths = _infer_widths(mod, name, prefix, state, desc)
+        for attr, value in widths.items():
+            if attr in allowed:  # never set anything else a file names
+                setattr(mod, attr, tuple(int(v) for v in value) if attr == "normalized_shape" else int(value))
         for pname, p in list(mod.named_parameters(recurse=False)):
             key = prefix + pname
-            if key in state and state[key].shape != p.shape:
-                setattr(mod, pname, nn.Parameter(torch.empty(state[key].shape, dtype=p.dtype), requires_grad=p.requires_grad))
+            if key in state and state[key].shape != p.shape and _fits_pruned(mod, pname, state[key].shape, p.shape):
+                setattr(mod, pname, nn.Parameter(torch.empty(state[key].shape, dtype=p.dtype, device=p.device),
+                                                 requires_grad=p.requires_grad))
         for bname, b in list(mod.named_buffers(recurse=False)):
             key = prefix + bname
-            if b is not None and key in state and state[key].shape != b.shape:
-                mod.register_buffer(bname, torch.empty(state[key].shape, dtype=b.dtype))
+            if b is not None and key in state and state[key].shape != b.shape and _fits_pruned(mod, bname, state[key].shape, b.shape):
+                mod.register_buffer(bname, torch.empty(state[key].shape, dtype=b.dtype, device=b.device))
 
 
 def load_model(path: str | os.PathLike, model: nn.Module | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Load a model file: rebuild the architecture by name (or onto `model`), fit widths, load weights."""
+    """Load a model file: rebuild the architecture by name (or onto `model`), fit widths, load weights.
+
+    `model`, when given, is the dense model (it is resized in place); layers that pruning touched (listed in
+    the file) take the file's widths, every other tensor must have the architecture's shape. Returns the model
+    and the metadata dict saved with it.
+
+    Raises:
+        UserError: unreadable, pickle-based or non-regprune file; a custom model's file without `model`;
+        tensors missing, unexpected or of a shape the architecture and the recorded pruning cannot explain.
+    """
     path = Path(path)
     state, header = _read(path)
     try:
@@ -246,7 +329,10 @@ def load_model(path: str | os.PathLike, model: nn.Module | None = None) -> tuple
         if not arch:
             raise UserError(f"{path} was saved from a custom model: pass the dense model, regprune.load(path, model=MyNet())")
         model = create_model(arch["name"], **arch.get("kwargs", {}))
-    _resize_to(model, state, desc)
+    try:
+        _resize_to(model, state, desc)
+    except (TypeError, ValueError, AttributeError):  # widths of the wrong kind: not a file regprune wrote
+        raise UserError(f"{path} has a corrupt regprune header (layer widths)") from None
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

@@ -229,9 +229,9 @@ class GateSet:
 
 
 def _select_roots(graph: GroupGraph, groups: str | Sequence[str]) -> list[str]:
-    skip = ("network output (classifier)", "single channel")
+    skip = ("network output", "single channel", "unsafe")
     if groups == "all":
-        return [r for r, g in graph.groups.items() if g.reason not in skip and g.channels >= 2]
+        return [r for r, g in graph.groups.items() if not g.reason.startswith(skip) and g.channels >= 2]
     if groups == "scope":
         return [g.root for g in graph.scope()]
     if isinstance(groups, str):
@@ -244,7 +244,7 @@ def _select_roots(graph: GroupGraph, groups: str | Sequence[str]) -> list[str]:
             if not hits:
                 raise UserError(f"{name!r} is not a channel group of this model; see `regprune inspect`")
             g = hits[0]
-        if g.reason in skip or g.channels < 2:
+        if g.reason.startswith(skip) or g.channels < 2:
             raise UserError(f"group {g.root} cannot be gated: {g.reason or 'single channel'}")
         if g.root not in roots:
             roots.append(g.root)

@@ -86,10 +86,6 @@ class ChannelGroup:
     _total: int = field(default=0, repr=False)
 
 
-def _is_depthwise(m: nn.Module) -> bool:
-    return is_depthwise(m)
-
-
 def _grouped(m: nn.Module) -> bool:
     """A grouped (not depthwise) convolution: its channel blocks must stay even."""
     return isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and not is_depthwise(m)
@@ -144,7 +140,7 @@ def _probe(model: nn.Module, example_inputs) -> tuple[dict[str, int], set[str], 
             outputs.add(produced[fn])
             continue
         stack.extend(nxt for nxt, _ in fn.next_functions)
-    del out, produced
+    del out
     called_train: set[str] = set()
     hooks = [m.register_forward_hook(lambda mod, i, o, _n=name: called_train.add(_n)) for name, m in model.named_modules()]
     try:
@@ -309,7 +305,7 @@ class GroupGraph:
                     out += [(f"{m.name}.weight", mod.weight, 0), (f"{m.name}.bias", mod.bias, 0)]
             elif is_counted(mod):
                 transposed = getattr(mod, "transposed", False)
-                dim = 0 if (m.side == "out" or _is_depthwise(mod)) else 1
+                dim = 0 if (m.side == "out" or is_depthwise(mod)) else 1
                 dim = 1 - dim if transposed else dim
                 out.append((f"{m.name}.weight", mod.weight, dim))
         return out

@@ -17,15 +17,15 @@ Typical use::
 from __future__ import annotations
 
 import copy
-import inspect
 from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 
 from .errors import UserError
-from .graph import GroupGraph, analyze, model_family
+from .graph import GroupGraph, model_family
 from .methods.base import Picks
+from .surgery import apply_picks
 
 __all__ = ["kept_indices", "rebind_optimizer"]
 
@@ -41,24 +41,6 @@ def _to_float64(x: Any) -> Any:
     if isinstance(x, dict):
         return {k: _to_float64(v) for k, v in x.items()}
     return x
-
-
-def _trace(probe: nn.Module, x: Any, include_coupled: bool):
-    """`graph.analyze` without the per-group trial cuts where the graph offers that: the probe only needs the
-    groups themselves (the real pruning call decides scope and safety)."""
-    if "safety" in inspect.signature(GroupGraph).parameters:
-        return GroupGraph(probe, x, include_coupled, model_family(probe), safety=False)
-    return analyze(probe, x, include_coupled=include_coupled)
-
-
-def _apply_unverified(graph, picks: Picks) -> None:
-    """`surgery.apply_picks` without its output check where it has one (the probe's weights are no model)."""
-    from .surgery import apply_picks
-
-    if "verify" in inspect.signature(apply_picks).parameters:
-        apply_picks(graph, picks, verify=False)
-    else:
-        apply_picks(graph, picks)
 
 
 def kept_indices(model: nn.Module, example_inputs: Any, picks: Picks,
@@ -89,13 +71,14 @@ def kept_indices(model: nn.Module, example_inputs: Any, picks: Picks,
     for p in probe.parameters():
         p.grad = None
     old_shapes = {n: p.shape for n, p in probe.named_parameters()}
-    graph = _trace(probe, _to_float64(example_inputs), include_coupled)
+    # the probe needs the groups only: scope and safety are the real pruning call's
+    graph = GroupGraph(probe, _to_float64(example_inputs), include_coupled, model_family(probe), safety=False)
     with torch.no_grad():  # after tracing: the tracer follows autograd
         for name, p in probe.named_parameters():
             if p.numel() > _EXACT:
                 raise UserError(f"parameter {name} has {p.numel()} entries: too many to track exactly (max 2**53)")
             p.copy_(torch.arange(p.numel(), dtype=torch.float64, device=p.device).view(p.shape))
-        _apply_unverified(graph, picks)
+        apply_picks(graph, picks, verify=False)  # the probe's numbered weights are no model to verify
     kept: dict[str, torch.Tensor] = {}
     for name, p in probe.named_parameters():
         if name in old_shapes and p.shape != old_shapes[name]:

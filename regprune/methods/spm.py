@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from ..counting import kept_layer_macs
 from ..errors import UserError
-from ..graph import ChannelGroup, GroupGraph, _is_depthwise, analyze
+from ..graph import ChannelGroup, GroupGraph, analyze
 from ..models.cifar import PadShortcut
 from ..ratios import estimate_macs
 

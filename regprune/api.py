@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +119,8 @@ def prune(model: nn.Module, example_inputs: torch.Tensor, method: str = "l1", ra
     x = _example(target, example_inputs)
     graph = analyze(target, x, include_coupled=include_coupled)
     plan = make_plan(graph, ratios, speedup=speedup, target_macs=target_macs, skip=skip, round_to=round_to)
+    if plan.note:
+        warnings.warn(plan.note, stacklevel=2)
     picks = l1_picks(graph, plan_targets(graph, plan), pick, seed, criterion)
     _prune_with_optimizer(graph, picks, optimizer, include_coupled)
     return PruneResult(target, picks, plan, getattr(target, "regprune_verification", None))
@@ -206,6 +209,8 @@ def regularizer(model: nn.Module, example_inputs: torch.Tensor, method: str = "g
         raise UserError(f"unknown regularization method {method!r}: expected greg1 or greg2")
     graph = analyze(model, _example(model, example_inputs), include_coupled=include_coupled)
     plan = make_plan(graph, ratios, speedup=speedup, target_macs=target_macs, skip=skip, round_to=round_to)
+    if plan.note:
+        warnings.warn(plan.note, stacklevel=2)
     transposed = [r for r in plan.removal if getattr(graph.module(r), "transposed", False)]
     if transposed and not unstructured:
         raise UserError(f"GReg on transposed-conv filters is not supported yet ({transposed[0]}); skip those layers "

@@ -267,7 +267,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import copy
 
     from .api import l1_picks, plan_targets
-    from .counting import count_macs, count_params, uncounted_layers
+    from .counting import count_macs, count_params
     from .graph import analyze
     from .ratios import make_plan
     from .report import format_table
@@ -275,7 +275,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     model, x = _inspect_model(args)
     graph = analyze(model, x, include_coupled=bool(args.include_coupled))
-    uncounted = uncounted_layers(model, x)
+    uncounted = graph.uncounted
     plan = pruned = None
     if args.ratios or args.speedup or args.target_macs:
         plan = make_plan(graph, args.ratios, speedup=args.speedup, target_macs=args.target_macs, skip=args.skip,

@@ -138,15 +138,17 @@ def _weight_like(p: torch.Tensor) -> bool:
     return p.dim() >= 2 and p.shape[0] > 1 and sum(s > 1 for s in p.shape) >= 2
 
 
-def uncounted_layers(model: nn.Module, example_inputs: Any) -> list[tuple[str, str]]:
+def uncounted_layers(model: nn.Module, example_inputs: Any, ran: set[str] | None = None) -> list[tuple[str, str]]:
     """(name, class name) of modules that ran in one forward pass on `example_inputs`, own parameters
     themselves (recurse=False), and do multiply-accumulates `count_macs` does not see: nn.MultiheadAttention
     (its projections run functionally), RNN/LSTM/GRU and their cells, Bilinear, and any other uncounted module
     with a weight-matrix-like parameter (see `_weight_like`). Norm layers, embeddings, PReLU and per-channel
-    parameters are not reported. In model order; the model itself is named ""."""
-    ran: set[str] = set()
-    hooks = [m.register_forward_hook(lambda mod, i, o, _n=name: ran.add(_n)) for name, m in model.named_modules()]
-    hooked_forward(model, example_inputs, hooks)
+    parameters are not reported. In model order; the model itself is named "". `ran`: the names of the modules
+    that ran, when a caller's own forward pass already recorded them (then no forward pass is made here)."""
+    if ran is None:
+        ran = set()
+        hooks = [m.register_forward_hook(lambda mod, i, o, _n=name: ran.add(_n)) for name, m in model.named_modules()]
+        hooked_forward(model, example_inputs, hooks)
     out = []
     for name, m in model.named_modules():
         if name not in ran or is_counted(m) or isinstance(m, _NOT_MACS):

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch_pruning as tp
 from torch.utils._pytree import tree_flatten
 
-from .counting import call_model, is_counted, is_depthwise, macs_hook
+from .counting import call_model, is_counted, is_depthwise, macs_hook, uncounted_layers
 from .errors import UserError
 from .models.cifar import PadShortcut
 
@@ -182,6 +182,7 @@ class GroupGraph:
         self.layer_macs, self.outputs, called, self.train_only = ({}, set(), set(), set())
         if probe:  # trial copies (see verify.group_safety) need the dependency graph only
             self.layer_macs, self.outputs, called, self.train_only = _probe(model, example_inputs)
+        self.uncounted = uncounted_layers(model, example_inputs, ran=called) if probe else []
         traced = set(self.dg.module2node)
         self.untraced = sorted(n for n, m in model.named_modules() if n in called and m not in traced
                                and is_counted(m))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import sys
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -468,7 +469,9 @@ def prune_job(o: JobOptions, run: RunDir) -> dict[str, Any]:
     _debug_rank_dump("base", model)
     graph, plan = prune_plan(o, model, x)
     run.mark("plan", plan={"ratios": plan.ratios, "removal": plan.removal, "dense_macs": plan.dense_macs,
-                           "pruned_macs": plan.pruned_macs, "speedup": plan.speedup})
+                           "pruned_macs": plan.pruned_macs, "speedup": plan.speedup, "note": plan.note})
+    if plan.note and E.is_main():
+        print(f"note: {plan.note}", file=sys.stderr)
     _debug_rank_dump("plan", model, plan=plan)
     history: list[dict] = []
     picks: dict[str, list[int]] | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.nn as nn
 
@@ -298,6 +298,16 @@ class Plan:
     removal: dict[str, int]
     dense_macs: int
     pruned_macs: int
+    uncounted: list = field(default_factory=list)  # (name, kind) of layers whose MACs the counter cannot see
+
+    @property
+    def note(self) -> str:
+        """A warning when the MACs (and so the speedup) leave out layers of kinds the counter does not know."""
+        if not self.uncounted:
+            return ""
+        names = ", ".join(f"{n or '(model)'} ({k})" for n, k in self.uncounted[:4])
+        return (f"MACs leave out {len(self.uncounted)} layer(s) of kinds the counter does not know ({names}); "
+                "the speedup counts conv and linear layers only")
 
     @property
     def speedup(self) -> float:
@@ -347,4 +357,4 @@ def make_plan(graph: GroupGraph, spec: str | None = None, *, speedup: float | No
             why = "every selected group keeps all its channels at these ratios (too few channels or blocks)"
         raise UserError(f"nothing to prune: {why}")
     return Plan(ratios={k: ratios[k] for k in removal}, removal=removal, dense_macs=graph.total_macs,
-                pruned_macs=estimate_macs(graph, removal))
+                pruned_macs=estimate_macs(graph, removal), uncounted=list(getattr(graph, "uncounted", [])))

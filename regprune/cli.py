@@ -151,11 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float)
     p.add_argument("--dry-run", action="store_true")
 
-    p = sub.add_parser("export", help="export a model file to ONNX")
+    p = sub.add_parser("export", help="export a model file to ONNX, checked in ONNX Runtime against PyTorch "
+                                      "(needs: pip install 'regprune[export]')")
     p.add_argument("model_file")
-    p.add_argument("--onnx", required=True, help="output .onnx path")
+    p.add_argument("--onnx", required=True, help="output .onnx path (written only if the check passes)")
     p.add_argument("--input-size", type=int, default=None, help="image side (default: the model's native size)")
     p.add_argument("--in-channels", type=int, default=None)
+    p.add_argument("--atol", type=float, default=None,
+                   help="refuse the export when max |ONNX - PyTorch| on random inputs (batch 1 and 4) exceeds "
+                        "ATOL x max(1, max |output|) (default 1e-4)")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("demo", help="the main job: train a base on MNIST, GReg-1 to ~2x fewer MACs, fine-tune, report")
@@ -256,7 +260,7 @@ def _inspect_model(args: argparse.Namespace):
     from .models import create_model, model_info
 
     info = model_info(args.model)
-    classes = args.num_classes or (1000 if info.family == "torchvision" else 10)
+    classes = args.num_classes or (1000 if info.family in ("torchvision", "timm") else 10)
     size = args.input_size or info.input_size
     kw = {"shortcut": args.shortcut} if args.shortcut else {}
     model = create_model(args.model, num_classes=classes, in_channels=args.in_channels, **kw)
@@ -285,7 +289,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         cgraph = analyze(clone, x, include_coupled=bool(args.include_coupled))
         pruned = apply_picks(cgraph, l1_picks(cgraph, plan_targets(cgraph, plan)))
     groups = [{"root": g.root, "channels": g.channels, "members": [m.name for m in g.members],
-               "macs_share": round(g.macs_share, 5), "in_scope": g.in_scope, "unsafe": g.unsafe,
+               "macs_share": round(g.macs_share, 5), "kind": g.kind, "in_scope": g.in_scope, "unsafe": g.unsafe,
                "reason": g.reason} for g in graph.groups.values()]
     if args.json:
         out: dict[str, Any] = {"model": args.model, "dense_macs": graph.total_macs, "dense_params": count_params(model),
@@ -300,7 +304,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     rows = []
     for g in graph.groups.values():
-        row = {"group (root)": g.root, "channels": g.channels, "members": len(g.members),
+        row = {"group (root)": g.root, "kind": g.kind, "channels": g.channels, "members": len(g.members),
                "MACs %": f"{100 * g.macs_share:.1f}", "scope": "yes" if g.in_scope else f"no: {g.reason}"}
         if plan is not None:
             row["kept"] = g.channels - plan.removal.get(g.root, 0)
@@ -441,11 +445,12 @@ def cmd_scratch(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_onnx
+    from .export import DEFAULT_ATOL, export_onnx
 
-    path = export_onnx(args.model_file, args.onnx, input_size=args.input_size, in_channels=args.in_channels,
-                       overwrite=args.overwrite)
-    print(f"wrote {path}")
+    res = export_onnx(args.model_file, args.onnx, input_size=args.input_size, in_channels=args.in_channels,
+                      overwrite=args.overwrite, atol=DEFAULT_ATOL if args.atol is None else args.atol)
+    _print(f"checked: {res.check.summary()}")
+    _print(f"wrote {res.path}")
     return 0
 
 

@@ -78,6 +78,7 @@ class ChannelGroup:
     coupled: bool = False
     ch_groups: int = 1  # >1 when a grouped conv reads or writes these channels: picks repeat per block
     unsafe: bool = False  # its removal could not be verified exact on a trial copy
+    kind: str = "block-internal"  # block-internal, residual stream, gate, concat, output, unsafe
 
     @property
     def macs_share(self) -> float:
@@ -225,6 +226,14 @@ class GroupGraph:
                              macs=sum(self.layer_macs.get(n, 0) for n in touched))
             g._total = self.total_macs
             g.coupled = len(writers) > 1
+            ops = [type(dep.target.grad_fn).__name__ for dep, _ in group
+                   if dep.target.type == tp.ops.OPTYPE.ELEMENTWISE and dep.target.grad_fn is not None]
+            summed = any(op.startswith(("AddBackward", "SubBackward")) for op in ops)
+            concat = any(dep.target.type == tp.ops.OPTYPE.CONCAT for dep, _ in group)
+            # several writers joined by a sum are a residual stream; joined only by a product (squeeze-excitation,
+            # attention-style scaling) they are a gate, which stays block-internal for the scope rules
+            g.kind = ("residual stream" if g.coupled and summed else "gate" if g.coupled
+                      else "concat" if concat else "block-internal")
             partial = False
             for m in members:
                 mod = self.module(m.name)
@@ -234,12 +243,12 @@ class GroupGraph:
                     partial |= width != g.channels
             readers = {m.name for m in members if m.side == "in"}
             if any(w in self.outputs for w in writers):
-                g.reason = "network output: these channels reach a model output"
+                g.kind, g.reason = "output", "network output: these channels reach a model output"
             elif partial:
                 g.reason = "covers only part of a grouped conv's channels (cannot keep its groups even)"
             elif g.channels < 2:
                 g.reason = "single channel"
-            elif g.coupled and not include_coupled:
+            elif g.kind == "residual stream" and not include_coupled:
                 g.reason = f"residual-coupled ({len(writers)} writers); pass include_coupled to prune it"
             elif family == "resnet" and not root.startswith("layer") and not include_coupled:
                 g.reason = "stem: outside the papers' ResNet scope"
@@ -275,6 +284,7 @@ class GroupGraph:
             g = self.groups[root]
             g.in_scope = False
             g.unsafe = True
+            g.kind = "unsafe"
             g.reason = f"unsafe: cutting 1-2 of its channels on a trial copy is not exact ({why}){hint}"
 
     def group_of(self, layer_name: str) -> ChannelGroup:

@@ -544,20 +544,31 @@ def prune_job(o: JobOptions, run: RunDir) -> dict[str, Any]:
 
 def _report(o: JobOptions, run: RunDir, dense: nn.Module, pruned: nn.Module, x: torch.Tensor, bundle: DataBundle,
             history: list[dict], picks: dict[str, list[int]] | None) -> dict[str, Any]:
+    from .report import latency_lines, try_onnxruntime_latency
+
     res = run.state["results"]
     lat1 = compare_latency({"dense": dense, "pruned": pruned}, x, repeats=20)
     xb = x.expand(64, *x.shape[1:]).contiguous()
-    lat64 = compare_latency({"dense": dense, "pruned": pruned}, xb, repeats=5, warmup=1)
+    lat64 = compare_latency({"dense": dense, "pruned": pruned}, xb, repeats=5, warmup=0)  # rounds calibrate = warm up
+    ort1, ort_note = try_onnxruntime_latency({"dense": dense, "pruned": pruned}, x, repeats=20)
+    lats = {"cpu_ms_b1": (lat1, 3), "cpu_ms_b64": (lat64, 2), "ort_ms_b1": (ort1, 3)}
     rows = [summary_row("dense", dense, x, res.get("base")), summary_row(f"pruned ({o.method})", pruned, x, res.get("final"))]
-    for r, lat_1, lat_64 in zip(rows, (lat1["dense"], lat1["pruned"]), (lat64["dense"], lat64["pruned"])):
-        r["cpu_ms_b1"] = round(lat_1, 3)
-        r["cpu_ms_b64"] = round(lat_64, 2)
+    shown = [dict(r) for r in rows]  # the table shows "median ± IQR"; the JSON rows keep the numbers
+    for r, d, k in zip(rows, shown, ("dense", "pruned")):
+        for col, (lat, digits) in lats.items():
+            if lat is not None:
+                r[col], r[f"{col}_iqr"] = round(lat[k], digits), round(lat.stats[k].iqr_ms, digits)
+                d[col] = lat.stats[k].text(digits)
     if o.unstructured:
         total = sum(p.numel() for n, p in pruned.named_parameters() if p.dim() > 1)
         zeros = sum(int((p == 0).sum()) for n, p in pruned.named_parameters() if p.dim() > 1)
-        rows[1]["sparsity"] = f"{100 * zeros / total:.1f}%"
-    columns = list(rows[0]) + (["sparsity"] if o.unstructured else [])
-    table = format_table(rows, columns)
+        rows[1]["sparsity"] = shown[1]["sparsity"] = f"{100 * zeros / total:.1f}%"
+    columns = list(shown[0]) + (["sparsity"] if o.unstructured else [])
+    table = format_table(shown, columns)
+    table += "\n" + latency_lines({"PyTorch CPU batch 1": lat1, "PyTorch CPU batch 64": lat64,
+                                   "ONNX Runtime CPU batch 1": ort1})
+    if ort_note:
+        table += "\n" + ort_note
     ver = res.get("verification")
     if ver:
         table += (f"\nverified: the pruned model equals the dense one with the removed channels zeroed "
@@ -565,6 +576,10 @@ def _report(o: JobOptions, run: RunDir, dense: nn.Module, pruned: nn.Module, x: 
     macs_speedup = rows[0]["MMACs"] / rows[1]["MMACs"]
     report = {"method": o.method, "model": o.model, "data": bundle.name, "rows": rows, "macs_speedup": macs_speedup,
               "latency_speedup_b1": lat1["dense"] / lat1["pruned"], "latency_speedup_b64": lat64["dense"] / lat64["pruned"],
+              "latency_verdict_b1": lat1.verdict().text(), "latency_verdict_b64": lat64.verdict().text(),
+              "latency": {"cpu_b1": lat1.to_dict(), "cpu_b64": lat64.to_dict(),
+                          "onnxruntime_b1": ort1.to_dict() if ort1 is not None else None,
+                          "onnxruntime_note": ort_note or None},
               "pruned_before_finetune": res.get("pruned_before_ft"), "best_top1": res.get("best_top1"),
               "plan": res.get("plan"), "regularize": res.get("regularize"),
               "verification": res.get("verification")}

@@ -196,18 +196,23 @@ def scratch_job(o: JobOptions, run: RunDir, extra: dict[str, Any]) -> dict[str, 
     run.mark("reconfigure", final=final, gated=gated_metrics, reconfig_max_abs_diff=diff, macs_fraction=macs_frac,
              verification=verification)
 
+    from .report import latency_lines
+
     lat = compare_latency({"dense": dense.eval(), "pruned": pruned}, x, repeats=20)
     rows = [summary_row("dense (same arch, untrained)", dense, x, None), summary_row("pruned from scratch (SPM)", pruned, x, final)]
     rows[0]["top1"] = "-"
     rows[0]["top5"] = "-"
-    for r, k in zip(rows, ("dense", "pruned")):
-        r["cpu_ms_b1"] = round(lat[k], 3)
-    table = format_table(rows, list(rows[0]))
+    shown = [dict(r) for r in rows]  # the table shows "median ± IQR"; the JSON rows keep the numbers
+    for r, d, k in zip(rows, shown, ("dense", "pruned")):
+        r["cpu_ms_b1"], r["cpu_ms_b1_iqr"] = round(lat[k], 3), round(lat.stats[k].iqr_ms, 3)
+        d["cpu_ms_b1"] = lat.stats[k].text(3)
+    table = format_table(shown, list(shown[0])) + "\n" + latency_lines({"PyTorch CPU batch 1": lat})
     report = {"method": "spm", "model": o.model, "data": bundle.name, "rows": rows, "target_macs": o.target_macs,
               "macs_fraction": macs_frac, "macs_gap_vs_target": macs_frac - o.target_macs,
               "reconfig_max_abs_diff": diff, "gated": gated_metrics, "settings": s, "verification": verification,
               "search_macs_fraction": monitor.snapped[0] if monitor.snapped else None,
-              "latency_speedup_b1": lat["dense"] / lat["pruned"]}
+              "latency_speedup_b1": lat["dense"] / lat["pruned"], "latency_verdict_b1": lat.verdict().text(),
+              "latency": {"cpu_b1": lat.to_dict()}}
     if E.is_main():
         E.atomic_write_text(run.file("report.json"), json.dumps(E.log.to_jsonable(report), indent=1))
         E.atomic_write_text(run.file("report.md"), f"# SPM on {o.model} / {bundle.name}\n\n{table}\n")

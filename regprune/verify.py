@@ -33,7 +33,8 @@ from .models.cifar import PadShortcut
 __all__ = ["RTOL", "Verification", "Mismatch", "verify_outputs", "zero_consumers", "ModelSnapshot",
            "group_safety", "train_batch", "check_example_inputs"]
 
-RTOL = 1e-4  # largest |pruned - reference| allowed, relative to the reference output's largest magnitude
+RTOL = 1e-6  # largest |pruned - reference| allowed, relative to the reference output's largest magnitude (float64)
+RTOL_FLOAT32 = 1e-4  # the same, for models that cannot run in float64
 
 
 class Mismatch(Exception):
@@ -188,7 +189,7 @@ def _compare(ref_out: Any, out: Any, mode: str, rtol: float) -> tuple[int, float
         if not torch.isfinite(b).all() and torch.isfinite(a).all():
             raise Mismatch(f"{mode} mode: output {i} is not finite")
         scale = float(a.detach().abs().max()) if a.numel() else 0.0
-        diff = float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
+        diff = float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
         rel = diff / max(scale, 1e-12)
         if math.isnan(rel) or rel > rtol:
             raise Mismatch(f"{mode} mode: output {i} differs from the reference by {rel:.2e} of its scale "
@@ -197,12 +198,50 @@ def _compare(ref_out: Any, out: Any, mode: str, rtol: float) -> tuple[int, float
     return n, worst
 
 
+def _float64(x: Any) -> Any:
+    return tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, x)
+
+
+@contextlib.contextmanager
+def _in_float64(model: nn.Module) -> Iterator[None]:
+    """Run `model` in float64 and put its float32 tensors back exactly afterwards (float32 -> float64 -> float32
+    is lossless; parameter objects stay the same). Models holding other float dtypes are left as they are."""
+    dtypes = {t.dtype for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()}
+    if dtypes != {torch.float32}:
+        yield
+        return
+    model.double()
+    try:
+        yield
+    finally:
+        model.float()
+
+
 def verify_outputs(pruned: nn.Module, reference: nn.Module, example_inputs: Any, rtol: float = RTOL) -> Verification:
-    """Compare `pruned` with `reference` on the example inputs in eval and in train mode.
+    """Compare `pruned` with `reference` on the example inputs in eval and in train mode, in float64 so that
+    rounding (about 1e-15) cannot hide a real difference; models that cannot run in float64 are compared in
+    their own precision with tolerance RTOL_FLOAT32 (noted).
 
     Returns a Verification; raises Mismatch (the pruned model fails, an output changes shape, or differs by
     more than `rtol` of the reference output's largest magnitude) and UserError when the dense reference
-    itself cannot run the example inputs in eval mode."""
+    itself cannot run the example inputs in eval mode. `reference` is a throwaway copy (it is left in float64)."""
+    dtypes = {t.dtype for t in list(pruned.parameters()) + list(pruned.buffers()) if t.is_floating_point()}
+    try:
+        if dtypes != {torch.float32}:
+            raise TypeError("not a float32 model")
+        with torch.no_grad():
+            reference.double()
+            _run(reference, _float64(example_inputs), False)
+    except Exception:  # the model builds float32 tensors of its own, or an op lacks float64: check as it is
+        reference.to(next(iter(dtypes))) if len(dtypes) == 1 else None
+        result = _verify(pruned, reference, example_inputs, max(rtol, RTOL_FLOAT32))
+        result.notes.append("compared in the model's own precision (it does not run in float64)")
+        return result
+    with _in_float64(pruned):
+        return _verify(pruned, reference, _float64(example_inputs), rtol)
+
+
+def _verify(pruned: nn.Module, reference: nn.Module, example_inputs: Any, rtol: float) -> Verification:
     modes, notes, outputs, worst = [], [], 0, 0.0
     for mode in ("eval", "train"):
         inputs = example_inputs if mode == "eval" else train_batch(example_inputs)

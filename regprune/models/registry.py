@@ -19,7 +19,7 @@ class ModelInfo:
     """What the rest of the tool needs to know about a named architecture."""
 
     name: str
-    family: str  # "cifar_resnet", "cifar_vgg" or "torchvision"
+    family: str  # "cifar_resnet", "cifar_vgg", "torchvision" or "timm"
     input_size: int  # native square input side
     builder: Callable[..., nn.Module]
 
@@ -75,12 +75,45 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
                 return
 
 
+def _timm_names() -> list[str]:
+    """timm's architectures (empty without the optional `timm` extra)."""
+    try:
+        import timm
+    except ImportError:
+        return []
+    return sorted(timm.list_models())
+
+
+def _timm_input_size(name: str) -> int:
+    """The square input side of timm's default configuration for `name` (224 when it names none)."""
+    import timm
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+        size = getattr(cfg, "input_size", None) if cfg is not None else None
+        return int(size[-1]) if size else 224
+    except Exception:  # an architecture without a default configuration
+        return 224
+
+
+def _build_timm(name: str, num_classes: int = 1000, in_channels: int = 3, **kwargs) -> nn.Module:
+    """A timm architecture, freshly initialised (nothing is downloaded: pretrained weights are never asked)."""
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
+    except TypeError as exc:
+        raise UserError(f"timm.{name} does not take these arguments: {exc}") from None
+
+
 _register_cifar()
 
 
 def list_models(pattern: str | None = None) -> list[str]:
     """All model names, optionally filtered by a glob pattern (`resnet*`, `torchvision.mobilenet*`)."""
     names = sorted(_REGISTRY) + [f"torchvision.{n}" for n in _torchvision_names()]
+    if pattern is None or pattern.startswith(("timm", "*")):
+        names += [f"timm.{n}" for n in _timm_names()]
     return [n for n in names if pattern is None or fnmatch.fnmatchcase(n, pattern)]
 
 
@@ -93,16 +126,23 @@ def model_info(name: str) -> ModelInfo:
         if tv in _torchvision_names():
             size = 299 if tv == "inception_v3" else 224
             return ModelInfo(name, "torchvision", size, lambda _tv=tv, **kw: _build_torchvision(_tv, **kw))
-    hint = ", ".join(sorted(_REGISTRY)) + ", torchvision.<name>"
+    if name.startswith("timm."):
+        tm = name.split(".", 1)[1]
+        names = _timm_names()
+        if not names:
+            raise UserError(f"{name} needs timm: pip install 'regprune[timm]'")
+        if tm in names:
+            return ModelInfo(name, "timm", _timm_input_size(tm), lambda _tm=tm, **kw: _build_timm(_tm, **kw))
+    hint = ", ".join(sorted(_REGISTRY)) + ", torchvision.<name>, timm.<name>"
     raise UserError(f"unknown model {name!r}; known: {hint} (see `regprune models`)")
 
 
 def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
     """Build a freshly initialised model by name; the returned module remembers how it was built."""
     info = model_info(name)
-    if info.family == "torchvision" and "num_classes" not in kwargs:
+    if info.family in ("torchvision", "timm") and "num_classes" not in kwargs:
         kwargs["num_classes"] = num_classes
-    elif info.family != "torchvision":
+    elif info.family not in ("torchvision", "timm"):
         kwargs["num_classes"] = num_classes
     model = info.builder(in_channels=in_channels, **kwargs)
     arch_kwargs = {k: v for k, v in kwargs.items() if k != "weights"}

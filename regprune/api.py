@@ -216,5 +216,6 @@ def regularizer(model: nn.Module, example_inputs: torch.Tensor, method: str = "g
         raise UserError(f"GReg on transposed-conv filters is not supported yet ({transposed[0]}); skip those layers "
                         "or prune them with method l1")
     if config is None:
+        config_overrides.setdefault("unstructured", unstructured)
         config = GRegConfig.scaled(iters, method, **config_overrides) if iters else GRegConfig(**config_overrides)
     return Regularizer(graph, plan, method, config, unstructured, include_coupled)

@@ -476,36 +476,14 @@ class RegPruneCallback(pl.Callback):
 
 
 def _spm_reconfigure(model: nn.Module, reg: SPMRegularizer, x: Any) -> dict[str, torch.Tensor]:
-    """`methods.spm.reconfigure` (freeze, remove the gates, trace the gate-free model, prune the off channels),
-    also returning `optim_state.kept_indices` for the optimizer; those must be read between gate removal and
-    surgery, which `reconfigure` does in one call. Keep the two in step."""
-    from ..graph import analyze
+    """`methods.spm.reconfigure` after freezing the gates, also returning `optim_state.kept_indices` for the
+    optimizers (read on the gate-free dense model just before the removal)."""
+    from ..methods.spm import reconfigure
     from ..optim_state import kept_indices
-    from ..surgery import apply_picks
 
-    gateset = reg.gates
-    if gateset.model is not model:
-        raise UserError("reconfigure: these gates belong to another model")
     if not reg.frozen:
         reg.freeze()
-    picks = gateset.picks()
-    widths = {r: g.channels for r, g in gateset.groups.items()}
-    gateset.remove()
-    was = model.training
-    try:
-        graph = analyze(model, x, include_coupled=True)
-    finally:
-        model.train(was)  # the tracer leaves the model in eval mode
-    new_picks: dict[str, list[int]] = {}
-    for root, idxs in picks.items():
-        if not idxs:
-            continue
-        hit = [g for g in graph.groups.values() if any(m.name == root and m.side == "out" for m in g.members)]
-        if not hit or hit[0].channels != widths[root]:
-            raise UserError(f"reconfigure: group {root} is not found again in the traced model")
-        new_picks[hit[0].root] = idxs
-    if not new_picks:
-        return {}
-    kept = kept_indices(model, x, new_picks, include_coupled=True)
-    apply_picks(graph, new_picks)
+    kept: dict[str, torch.Tensor] = {}
+    reconfigure(model, reg, x, before_surgery=lambda picks: kept.update(
+        kept_indices(model, x, picks, include_coupled=True) if picks else {}))
     return kept

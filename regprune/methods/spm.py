@@ -522,11 +522,15 @@ def _distributed() -> bool:
             and torch.distributed.get_world_size() > 1)
 
 
-def reconfigure(model: nn.Module, gates: GateSet | SPMRegularizer, example_inputs: torch.Tensor) -> nn.Module:
+def reconfigure(model: nn.Module, gates: GateSet | SPMRegularizer, example_inputs: torch.Tensor,
+                before_surgery=None) -> nn.Module:
     """Threshold the gates, remove the off channels physically, drop the gates; returns `model`, pruned in place.
 
     The result computes the same function as the gated network (the gates were binary and shared
-    per group). The gate hooks are removed before the model is traced again.
+    per group), and is verified like every removal (UserError and the model unpruned otherwise). The gate
+    hooks are removed before the model is traced again. `before_surgery(picks)`, when given, is called with
+    the picks (group root -> channel indices) on the gate-free dense model just before the removal (for
+    example to compute `optim_state.kept_indices` for an optimizer).
     """
     from ..surgery import apply_picks  # lazy: surgery imports regprune.methods, which may import this module
 
@@ -548,4 +552,8 @@ def reconfigure(model: nn.Module, gates: GateSet | SPMRegularizer, example_input
         if not hit or hit[0].channels != old_groups[root].channels:
             raise UserError(f"reconfigure: group {root} is not found again in the traced model")
         new_picks[hit[0].root] = idxs
+    if before_surgery is not None:
+        before_surgery(new_picks)
+    if not new_picks:
+        return model
     return apply_picks(graph, new_picks)

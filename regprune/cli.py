@@ -418,8 +418,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     out = prune_job(o, run)
     _print(out["table"])
     rep = out["report"]
-    _print(f"MACs speedup {rep['macs_speedup']:.2f}x, measured CPU latency speedup {rep['latency_speedup_b1']:.2f}x "
-           f"(batch 1) / {rep['latency_speedup_b64']:.2f}x (batch 64); run in {run.path}")
+    _print(f"MACs speedup {rep['macs_speedup']:.2f}x; CPU latency, batch 1: {rep['latency_verdict_b1']}; "
+           f"batch 64: {rep['latency_verdict_b64']}; run in {run.path}")
     return 0
 
 

@@ -75,7 +75,9 @@ def test_l1_prune_command(tmp_path):
     out = cli("prune", "--method", "l1", "--model", "resnet20", "--base", str(tmp_path / "base" / "model.safetensors"),
               "--data", "digits", "--ratios", "*.conv1:0.5", "--ft-epochs", "1", "--out", str(tmp_path / "l1"),
               "--no-progress", "--batch-size", "64")
-    assert "pruned (l1)" in out.stdout
+    assert "pruned (l1)" in out.stdout and "verified: the pruned model equals the dense one" in out.stdout
+    report = json.loads((tmp_path / "l1" / "report.json").read_text())
+    assert report["verification"]["verified"] and report["verification"]["modes"] == ["eval", "train"]
     widths = json.loads((tmp_path / "l1" / "widths.json").read_text())
     assert widths["layer1.0.conv1"] == {"dense": 16, "kept": 8}
     assert widths["layer1.0.conv2"] == {"dense": 16, "kept": 16}

@@ -25,6 +25,7 @@ def test_scratch_command_reaches_target_and_reconfigures_exactly(tmp_path):
     rep = json.loads((run / "report.json").read_text())
     assert abs(rep["macs_fraction"] - 0.5) <= 0.03 * 0.5
     assert rep["reconfig_max_abs_diff"] <= 1e-5
+    assert rep["verification"]["verified"]  # the reconfiguration went through the same check as every removal
     assert (run / "model.safetensors").exists() and (run / "plots" / "macs.png").exists()
     assert (run / "plots" / "widths.png").exists()
 

@@ -393,16 +393,21 @@ def group_safety(model: nn.Module, example_inputs: Any, graph_factory: Callable,
 
     bad: dict[str, str] = {}
 
-    def search(subset: dict[str, list[int]]) -> None:
-        why = attempt(subset)
+    def search(subset: dict[str, list[int]], why: str | None = None) -> bool:
+        """True when `subset` fails; failing groups (or a combination that fails only together) go to `bad`."""
+        why = why or attempt(subset)
         if why is None:
-            return
+            return False
         if len(subset) == 1:
             bad.update({r: why for r in subset})
-            return
+            return True
         items = list(subset.items())
-        search(dict(items[: len(items) // 2]))
-        search(dict(items[len(items) // 2:]))
+        found_a = search(dict(items[: len(items) // 2]))
+        found_b = search(dict(items[len(items) // 2:]))
+        if not (found_a or found_b):  # each half is exact alone: the groups fail only in combination
+            names = ", ".join(r for r, _ in items[:6]) + (" ..." if len(items) > 6 else "")
+            bad.update({r: f"{why} (only when cut together with {names})" for r in subset})
+        return True
 
     if roots:
         search(dict(roots))

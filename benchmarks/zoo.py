@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import math
 import multiprocessing as mp
 import os
 import signal
@@ -201,28 +200,34 @@ def run_one(name: str, timeout: float = 150, min_size: int = 64, max_params_m: f
     return rec
 
 
-def _killed(name: str, why: str, timeout: float) -> dict[str, Any]:
-    return {"model": name, "outcome": "timeout" if why == "timeout" else "error",
-            "reason": (f"over {timeout:g} s and did not stop at its alarm: worker killed" if why == "timeout"
-                       else f"worker process died ({why}; out of memory?)"),
+def _dead(name: str, why: str) -> dict[str, Any]:
+    return {"model": name, "outcome": "timeout" if why == "timeout" else "error", "stage": None,
+            "reason": why if why != "timeout" else "did not stop at its alarm: worker killed",
             "wall_s": None, "params": None, "seconds": {}}
 
 
 def run_all(names: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Every model in a subprocess, `args.jobs` at a time; a worker stuck past timeout + grace is killed (its
-    pool is rebuilt for the models not yet run)."""
+    """Every model in a subprocess, `args.jobs` at a time. A worker still running `GRACE_S` past its timeout
+    (stuck in one long native call) is killed and recorded as a timeout; killing it breaks the pool, so the
+    models that were running beside it are run again in a new pool. A worker that dies by itself (out of
+    memory) breaks the pool too: the models that were running get a second try, then are recorded as errors."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, cpus // args.jobs)
     results: dict[str, dict[str, Any]] = {}
+    deaths: dict[str, int] = {}
     todo = list(names)
-    status = tempfile.mkdtemp(prefix="zoo_")
-    while todo:
-        ctx = mp.get_context("spawn")
-        pool = cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx, max_tasks_per_child=1)
+    status_root = Path(tempfile.mkdtemp(prefix="zoo_"))
+    for round_no in range(1, 1000):
+        if not todo:
+            break
+        status = status_root / str(round_no)  # pid files of this pool's workers
+        status.mkdir()
+        pool = cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn"),
+                                      max_tasks_per_child=1)
         futs = {pool.submit(run_one, n, args.timeout, args.min_size, args.max_params, args.num_classes, threads,
-                            status): n for n in todo}
+                            str(status)): n for n in todo}
         started: dict[str, float] = {}
-        broken = False
+        broken = killed = False
         pending = set(futs)
         while pending and not broken:
             done, pending = cf.wait(pending, timeout=5, return_when=cf.FIRST_COMPLETED)
@@ -233,9 +238,8 @@ def run_all(names: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
                 except cf.process.BrokenProcessPool:
                     broken = True
                     continue
-                except Exception as exc:  # noqa: BLE001
-                    rec = {"model": n, "outcome": "error", "reason": one_line(f"{type(exc).__name__}: {exc}"),
-                           "wall_s": None, "params": None, "seconds": {}}
+                except Exception as exc:  # noqa: BLE001  (an exception outside run_one's own handling)
+                    rec = _dead(n, one_line(f"{type(exc).__name__}: {exc}"))
                 results[n] = rec
                 sp = f"{rec['speedup']:.3f}x" if rec.get("speedup") else ""
                 log(f"{len(results)}/{len(names)} {n}: {rec['outcome']} {sp} {rec.get('wall_s')} s "
@@ -243,26 +247,58 @@ def run_all(names: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
             now = time.time()
             for f in pending:
                 n = futs[f]
-                pidf = Path(status, f"{n}.pid")
+                pidf = status / f"{n}.pid"
                 if n not in started and pidf.exists():
                     started[n] = now
-                if n in started and now - started[n] > args.timeout + GRACE_S:
+                if n in started and now - started[n] > args.timeout + GRACE_S and n not in results:
                     try:
                         os.kill(int(pidf.read_text()), signal.SIGKILL)
                     except (OSError, ValueError):
                         pass
-                    results[n] = _killed(n, "timeout", args.timeout)
-                    log(f"{n}: killed after {now - started[n]:.0f} s")
-                    broken = True
+                    results[n] = _dead(n, "timeout")
+                    results[n]["reason"] = f"over {args.timeout:g} s and {results[n]['reason']}"
+                    log(f"{len(results)}/{len(names)} {n}: timeout, killed after {now - started[n]:.0f} s")
+                    broken = killed = True
+        if killed:  # the pool is broken now: end its other workers too (they are run again below)
+            for n in started:
+                if n not in results:
+                    try:
+                        os.kill(int((status / f"{n}.pid").read_text()), signal.SIGKILL)
+                    except (OSError, ValueError):
+                        pass
         if broken:
-            # a dead worker breaks the pool: whatever was running and has no record died with it
-            for f, n in futs.items():
-                if n not in results and n in started:
-                    results[n] = _killed(n, "killed by a signal", args.timeout)
-                    log(f"{n}: worker died")
-        pool.shutdown(wait=False, cancel_futures=True)
+            for n in futs.values():
+                if n in results or n not in started:
+                    continue  # finished, or never started: simply run again
+                if killed:
+                    log(f"{n}: stopped with the killed worker's pool, to be run again")
+                    continue
+                deaths[n] = deaths.get(n, 0) + 1
+                if deaths[n] >= 2:
+                    results[n] = _dead(n, "worker process died twice (killed by the system: out of memory?)")
+                    log(f"{len(results)}/{len(names)} {n}: error, worker died twice")
+                else:
+                    log(f"{n}: its worker died (or one beside it did), to be run again")
+        pool.shutdown(wait=True, cancel_futures=True)
         todo = [n for n in todo if n not in results]
     return [results[n] for n in names]
+
+
+def library_version() -> dict[str, Any]:
+    """regprune's version and, in a git checkout, its commit and whether the library has local changes."""
+    import subprocess
+
+    import regprune
+
+    info: dict[str, Any] = {"regprune": regprune.__version__}
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=common.REPO_ROOT, capture_output=True, text=True,  # noqa: E731
+                                        timeout=30).stdout.strip()
+        info["commit"] = run("rev-parse", "--short", "HEAD") or None
+        info["library_changes"] = bool(run("status", "--porcelain", "--", "regprune"))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
 
 
 def _fmt_speedup(r: dict[str, Any]) -> str:
@@ -274,12 +310,14 @@ def _fmt_speedup(r: dict[str, Any]) -> str:
 
 def markdown(data: dict[str, Any]) -> str:
     counts = ", ".join(f"{k}: {v}" for k, v in data["counts"].items())
-    hw = data["hardware"]
+    hw, lib = data["hardware"], data.get("library", {})
+    at = f"regprune {lib.get('regprune')}" + (f" at {lib['commit']}" if lib.get("commit") else "") + \
+        (" with local changes" if lib.get("library_changes") else "")
     lines = [
         "# The torchvision zoo: `regprune.prune(model, x, speedup=2.0)` on every classifier",
         "",
         f"Run: `{data['command']}` ({data['wall_time_s'] / 60:.1f} min; {hw.get('processor')}, "
-        f"{hw.get('cpus_usable')} CPUs, torch {hw.get('torch')}, load {hw.get('loadavg_1_5_15')}).",
+        f"{hw.get('cpus_usable')} CPUs, torch {hw.get('torch')}, {at}, load {hw.get('loadavg_1_5_15')}).",
         f"Models built with `num_classes={data['settings']['num_classes']}`, random weights; input at the smallest "
         "side where both eval (batch 1) and train mode (batch 2) run; models over "
         f"{data['settings']['max_params_m']:g} M parameters only analysed. Speedup: MACs of the dense model over "
@@ -345,6 +383,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "speedup": SPEEDUP, "tolerance": TOLERANCE,
                      "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
         "hardware": hw,
+        "library": library_version(),
         "wall_time_s": round(time.perf_counter() - t0, 1),
         "counts": counts,
         "misses": [r["model"] for r in results if r["outcome"] == "reached" and not r.get("speedup_ok")],

@@ -79,9 +79,7 @@ def _example(model: nn.Module, example_inputs: Any) -> Any:
     if example_inputs is None:
         raise UserError("example_inputs is required: a batch (even of 1) shaped like the model's input, a tuple "
                         "of positional inputs or a dict of keyword inputs")
-    if isinstance(example_inputs, torch.Tensor):
-        return example_inputs[:1] if example_inputs.dim() > 0 else example_inputs
-    return check_example_inputs(example_inputs)
+    return check_example_inputs(example_inputs)  # the whole batch: a forward may branch on its size
 
 
 def _prune_with_optimizer(graph: GroupGraph, picks: Picks, optimizer, include_coupled: bool) -> None:
@@ -93,6 +91,11 @@ def _prune_with_optimizer(graph: GroupGraph, picks: Picks, optimizer, include_co
     from .optim_state import kept_indices, rebind_optimizer
 
     old = dict(graph.model.named_parameters())
+    own = {id(p) for p in old.values()}
+    foreign = [p for grp in optimizer.param_groups for p in grp["params"] if id(p) not in own]
+    if foreign:  # checked before anything changes
+        raise UserError(f"the optimizer holds {len(foreign)} parameter(s) that are not this model's; pass an "
+                        "optimizer over the pruned model's parameters only")
     kept = kept_indices(graph.model, graph.example_inputs, picks, include_coupled)
     apply_picks(graph, picks)
     rebind_optimizer(optimizer, old, graph.model, kept)

@@ -101,7 +101,7 @@ def hooked_forward(model: nn.Module, example_inputs: Any, hooks: list) -> Any:
     removed afterwards; the model's training mode is restored. Returns the model's output.
 
     The whole example batch runs; MACs hooks divide the batch out, so counts are per sample for any batch."""
-    was_training = model.training
+    flags = [(m, m.training) for m in model.modules()]  # each module's own mode comes back
     model.eval()
     try:
         with torch.no_grad():
@@ -109,7 +109,8 @@ def hooked_forward(model: nn.Module, example_inputs: Any, hooks: list) -> Any:
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
+        for m, f in flags:
+            m.training = f
 
 
 def layer_macs(model: nn.Module, example_inputs: Any) -> dict[str, int]:

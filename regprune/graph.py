@@ -97,7 +97,7 @@ def _probe(model: nn.Module, example_inputs) -> tuple[dict[str, int], set[str], 
     whose output reaches a network output through parameter-free or per-channel functions only (found by graph
     position: a walk back from every output through the autograd graph that stops at counted layers), the
     modules that run in eval mode, and those that run only in train mode (auxiliary heads)."""
-    from .verify import _buffers_kept, _run, train_batch
+    from .verify import _buffers_kept, _cloned, _run, modes_kept, train_batch
 
     macs: dict[str, int] = {}
     produced: dict[Any, str] = {}
@@ -115,20 +115,19 @@ def _probe(model: nn.Module, example_inputs) -> tuple[dict[str, int], set[str], 
         if is_counted(m):
             hooks.append(m.register_forward_hook(macs_hook(name, macs)))
         hooks.append(m.register_forward_hook(mark(name)))
-    was = model.training
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        model.eval()
-        for p, _ in flags:
-            p.requires_grad_(True)
-        with torch.enable_grad():
-            out = call_model(model, example_inputs)
+        with modes_kept(model):
+            model.eval()
+            for p, _ in flags:
+                p.requires_grad_(True)
+            with torch.enable_grad():
+                out = call_model(model, _cloned(example_inputs))
     finally:
         for h in hooks:
             h.remove()
         for p, f in flags:
             p.requires_grad_(f)
-        model.train(was)
     outputs: set[str] = set()
     stack = [t.grad_fn for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.grad_fn is not None]
     seen = set()
@@ -172,14 +171,15 @@ class GroupGraph:
         self.model = model
         self.example_inputs = check_example_inputs(example_inputs)
         self.names = {m: n for n, m in model.named_modules()}
-        was_training = model.training
+        from .verify import _cloned, modes_kept
+
         try:
-            self.dg = tp.DependencyGraph().build_dependency(
-                model, example_inputs=example_inputs, customized_pruners=CUSTOM_PRUNERS)
+            with modes_kept(model):  # the tracer switches to eval mode
+                self.dg = tp.DependencyGraph().build_dependency(
+                    model, example_inputs=_cloned(example_inputs), customized_pruners=CUSTOM_PRUNERS)
         except Exception as exc:  # tracing failures are the model's, not a bug of ours: say which
-            raise UserError(f"cannot trace the model's channel dependencies: {type(exc).__name__}: {exc}") from exc
-        finally:
-            model.train(was_training)  # the tracer switches to eval mode
+            raise UserError(f"cannot trace the model's channel dependencies: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
         self.layer_macs, self.outputs, called, self.train_only = ({}, set(), set(), set())
         if probe:  # trial copies (see verify.group_safety) need the dependency graph only
             self.layer_macs, self.outputs, called, self.train_only = _probe(model, example_inputs)

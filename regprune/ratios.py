@@ -321,6 +321,17 @@ def make_plan(graph: GroupGraph, spec: str | None = None, *, speedup: float | No
     With a target alone the ratios are uniform over the scope; with a spec too they are scaled in proportion
     to it. Raises UserError for conflicting or out-of-range targets, a target the scope cannot reach within 2%
     (see `solve_target`), and a plan that removes nothing ("nothing to prune: ...")."""
+    if isinstance(skip, str):
+        skip = [skip]
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        spec = repr(float(spec))
+    if spec is not None and not isinstance(spec, str):
+        raise UserError(f"ratios must be a string like '*.conv1:0.5' or a number, not {type(spec).__name__}")
+    for name, val in (("speedup", speedup), ("target_macs", target_macs), ("round_to", round_to)):
+        if val is not None and (isinstance(val, bool) or not isinstance(val, (int, float))):
+            raise UserError(f"{name} must be a number, not {type(val).__name__} {val!r}")
+    if round_to is not None and (int(round_to) != round_to or round_to < 1):
+        raise UserError(f"round_to must be a positive whole number, not {round_to!r}")
     if speedup is not None and target_macs is not None:
         raise UserError("give either --speedup or --target-macs, not both")
     asked = None

@@ -30,7 +30,7 @@ from .counting import call_model, is_depthwise
 from .errors import UserError
 from .models.cifar import PadShortcut
 
-__all__ = ["RTOL", "Verification", "Mismatch", "verify_outputs", "zero_consumers", "ModelSnapshot",
+__all__ = ["RTOL", "Verification", "Mismatch", "verify_outputs", "zero_consumers", "ModelSnapshot", "modes_kept",
            "group_safety", "train_batch", "check_example_inputs"]
 
 RTOL = 1e-6  # largest |pruned - reference| allowed, relative to the reference output's largest magnitude (float64)
@@ -156,17 +156,30 @@ def _buffers_kept(model: nn.Module) -> Iterator[None]:
                     cur.copy_(b)
 
 
-def _run(model: nn.Module, inputs: Any, train: bool) -> Any:
-    was = model.training
-    model.train(train)
-    for m in _stochastic_modules(model):
-        m.eval()
+@contextlib.contextmanager
+def modes_kept(model: nn.Module) -> Iterator[None]:
+    """Put every module's own train/eval flag back afterwards (a frozen-BN backbone stays in eval mode)."""
+    flags = [(m, m.training) for m in model.modules()]
     try:
+        yield
+    finally:
+        for m, f in flags:
+            m.training = f
+
+
+def _cloned(inputs: Any) -> Any:
+    """Copies of the input tensors, so a forward with in-place ops cannot change the caller's examples."""
+    return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, inputs)
+
+
+def _run(model: nn.Module, inputs: Any, train: bool) -> Any:
+    with modes_kept(model):
+        model.train(train)
+        for m in _stochastic_modules(model):
+            m.eval()
         with torch.no_grad(), _dropout_off(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            return call_model(model, inputs)
-    finally:
-        model.train(was)
+            return call_model(model, _cloned(inputs))
 
 
 def _compare(ref_out: Any, out: Any, mode: str, rtol: float) -> tuple[int, float]:
@@ -319,7 +332,15 @@ _CACHE: dict[str, dict[str, str]] = {}
 
 
 def _fingerprint(model: nn.Module, example_inputs: Any) -> str:
+    """Architecture, forward code and plain attributes of every module, tensor shapes and input shapes: what
+    decides whether a cut is exact (weights do not: the trial uses its own)."""
     h = hashlib.sha256(repr(model).encode())
+    for m in model.modules():
+        fwd = getattr(type(m).forward, "__code__", None)
+        h.update(type(m).__qualname__.encode() + (fwd.co_code + repr(fwd.co_consts).encode() if fwd else b""))
+        plain = sorted((k, repr(v)) for k, v in vars(m).items()
+                       if not k.startswith("_") and isinstance(v, (bool, int, float, str, tuple, type(None))))
+        h.update(repr(plain).encode())
     for k, v in model.state_dict().items():
         h.update(f"{k}{tuple(v.shape)}{v.dtype}".encode())
     for t in tree_flatten(example_inputs)[0]:

@@ -341,3 +341,35 @@ def test_ddp_wrapped_model_is_refused_with_the_way_out():
     m = nn.DataParallel(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)))
     with pytest.raises(UserError, match="model.module"):
         regprune.prune(m, torch.randn(1, 3, 8, 8), ratios="0.5")
+
+
+def test_whole_batch_is_verified_and_modes_and_inputs_are_kept():
+    class SizeBranch(nn.Module):  # a forward that branches on the batch size
+        def __init__(self):
+            super().__init__()
+            self.c1, self.a, self.b = nn.Conv2d(3, 16, 3), nn.Conv2d(16, 4, 1), nn.Conv2d(16, 4, 1)
+            self.bn = nn.BatchNorm2d(16)
+
+        def forward(self, x):
+            y = self.bn(self.c1(x))
+            return (self.b(y) if x.shape[0] > 2 else self.a(y)).mean((2, 3))
+
+    m = SizeBranch()
+    m.train()
+    m.bn.eval()  # a frozen BN inside a training model
+    x = torch.randn(8, 3, 16, 16)
+    x0 = x.clone()
+    res = regprune.prune(m, x, ratios="c1:0.5", include_coupled=True)
+    assert res.model(x).shape == (8, 4)
+    assert m.training and not m.bn.training and res.model.training and not res.model.bn.training
+    assert torch.equal(x, x0)
+
+
+def test_api_argument_types_are_user_errors():
+    m, x = LogSoftmaxNet(), torch.randn(1, 3, 8, 8)
+    assert regprune.prune(m, x, ratios=0.5, include_coupled=True).plan.removal  # a bare number works
+    for kw in ({"speedup": "2"}, {"ratios": "0.5", "round_to": 2.5}, {"ratios": ["0.5"]}):
+        with pytest.raises(UserError):
+            regprune.prune(m, x, **kw)
+    res = regprune.prune(m, x, ratios="0.5", include_coupled=True, skip="fc1")  # one pattern as a string
+    assert "fc1" not in res.picks

@@ -254,11 +254,7 @@ def _select_roots(graph: GroupGraph, groups: str | Sequence[str]) -> list[str]:
 
 def _analyze(model: nn.Module, example_inputs: torch.Tensor) -> GroupGraph:
     # Torch-Pruning's tracer leaves the model in eval mode; a search must go on in the mode it was in
-    was = model.training
-    try:
-        return analyze(model, example_inputs, include_coupled=True)
-    finally:
-        model.train(was)
+    return analyze(model, example_inputs, include_coupled=True)  # every module's mode is kept by the graph
 
 
 def insert_gates(model: nn.Module, example_inputs: torch.Tensor, groups: str | Sequence[str] = "all",

@@ -313,6 +313,8 @@ def markdown(data: dict[str, Any]) -> str:
     hw, lib = data["hardware"], data.get("library", {})
     at = f"regprune {lib.get('regprune')}" + (f" at {lib['commit']}" if lib.get("commit") else "") + \
         (" with local changes" if lib.get("library_changes") else "")
+    if lib.get("at_end"):
+        at += f" (at {lib['at_end'].get('commit')} by the end of the run)"
     lines = [
         "# The torchvision zoo: `regprune.prune(model, x, speedup=2.0)` on every classifier",
         "",
@@ -372,8 +374,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     command = "python benchmarks/zoo.py " + " ".join(sys.argv[1:] if argv is None else argv)
     log(f"{len(names)} models, {args.jobs} at a time, {args.timeout:g} s each")
     hw = hardware_info("cpu")
+    lib = library_version()  # the workers import the library as it is on disk when each starts
     t0 = time.perf_counter()
     results = run_all(names, args)
+    end = library_version()
+    if end != lib:
+        lib["at_end"] = end  # the library changed during the run
     counts = {k: sum(r["outcome"] == k for r in results) for k in OUTCOMES}
     data = {
         "benchmark": "zoo",
@@ -383,7 +389,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "speedup": SPEEDUP, "tolerance": TOLERANCE,
                      "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
         "hardware": hw,
-        "library": library_version(),
+        "library": lib,
         "wall_time_s": round(time.perf_counter() - t0, 1),
         "counts": counts,
         "misses": [r["model"] for r in results if r["outcome"] == "reached" and not r.get("speedup_ok")],

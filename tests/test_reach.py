@@ -47,7 +47,7 @@ def test_timm_families_prune_verified_or_refused(name, kw, size, tmp_path):
     except UserError as exc:  # refused: one line, with the reason
         assert "\n" not in str(exc)
         return
-    assert res.verification["verified"] and res.model(x).shape == (1, 10)
+    assert res.verification["verified"] and res.model.eval()(x).shape == (1, 10)
     path = regprune.save(res.model, tmp_path / "m.safetensors")
     again, _ = regprune.load(path)  # rebuilt by its registry name
     assert torch.allclose(again.eval()(x), res.model.eval()(x), atol=1e-5)

@@ -31,7 +31,7 @@ from regprune.engine.log import to_jsonable  # noqa: E402
 from regprune.errors import UserError  # noqa: E402
 
 __all__ = ["REPO_ROOT", "hardware_info", "train_throughput", "eval_throughput", "choose_threads", "mean_std",
-           "fmt_pm", "write_json", "bn_recalibrated_top1", "finite_numbers", "Stopwatch", "log", "apply_limits",
+           "fmt_pm", "write_json", "write_results", "bn_recalibrated_top1", "finite_numbers", "Stopwatch", "log", "apply_limits",
            "run_script"]
 
 
@@ -169,6 +169,19 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 def fmt_pm(mean: float, std: float, digits: int = 2) -> str:
     """'93.12 ± 0.31'."""
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def write_results(res: dict[str, Any], out_dir: Path, name: str, markdown: Callable[[dict[str, Any]], str],
+                  t_start: float) -> dict[str, Any]:
+    """Stamp the wall time on `res`, write `<name>.json` and `<name>.md` (atomically) under `out_dir`, print the
+    markdown and log where it went; returns `res`."""
+    res["wall_time_s"] = time.perf_counter() - t_start
+    write_json(out_dir / f"{name}.json", res)
+    md = markdown(res)
+    atomic_write_text(out_dir / f"{name}.md", md + "\n")
+    print(md)
+    log(f"wrote {out_dir / (name + '.json')} and {name}.md in {res['wall_time_s']:.0f} s")
+    return res
 
 
 def write_json(path: Path, obj: Any) -> Path:

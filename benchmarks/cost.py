@@ -36,7 +36,7 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402  (puts the repository root on sys.path)
-from common import hardware_info, log, write_json  # noqa: E402
+from common import hardware_info, log  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -44,7 +44,6 @@ import torch.nn.functional as F  # noqa: E402
 import torch_pruning as tp  # noqa: E402
 
 from regprune.api import prune as rp_prune  # noqa: E402
-from regprune.engine import atomic_write_text  # noqa: E402
 from regprune.api import regularizer as rp_regularizer  # noqa: E402
 from regprune.counting import count_macs, count_params  # noqa: E402
 from regprune.errors import UserError  # noqa: E402
@@ -659,14 +658,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.cuda_only:
         log("dense vs pruned ResNet-50 latency on CPU (batch 1, fp32)")
         res["latency"].append(bench_latency(torch.device("cpu"), args.image, args.ratios, False, False, (1,), 3 if args.quick else 10))
-    res["wall_time_s"] = time.perf_counter() - t_start
-    out = args.out_dir
-    write_json(out / f"{args.name}.json", res)
-    md = markdown(res)
-    atomic_write_text(out / f"{args.name}.md", md + "\n")
-    print(md)
-    log(f"wrote {out / (args.name + '.json')} and {args.name}.md in {res['wall_time_s']:.0f} s")
-    return res
+    return common.write_results(res, args.out_dir, args.name, markdown, t_start)
 
 
 if __name__ == "__main__":

@@ -51,14 +51,13 @@ if OMP_WAIT_POLICY_SET_HERE:
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402  (puts the repository root on sys.path)
-from common import hardware_info, log, write_json  # noqa: E402
+from common import hardware_info, log  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from regprune.api import prune as rp_prune  # noqa: E402
 from regprune.counting import count_macs, count_params  # noqa: E402
-from regprune.engine import atomic_write_text  # noqa: E402
 from regprune.errors import UserError  # noqa: E402
 from regprune.models import create_model  # noqa: E402
 from regprune.report import MIN_ROUNDS, format_table, layer_widths, measure_interleaved  # noqa: E402
@@ -513,14 +512,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     gb = GOAL_BATCH if GOAL_BATCH in args.batches else max(args.batches)
     lines, per = goal_lines(rows, networks, gb)
     res["goal"].update(batch=gb, lines=lines, results=per, met=all(p["met"] for p in per) if per else False)
-    res["wall_time_s"] = time.perf_counter() - t_start
-    out = args.out_dir
-    write_json(out / f"{args.name}.json", res)
-    md = markdown(res)
-    atomic_write_text(out / f"{args.name}.md", md + "\n")
-    print(md)
-    log(f"wrote {out / (args.name + '.json')} and {args.name}.md in {res['wall_time_s']:.0f} s")
-    return res
+    return common.write_results(res, args.out_dir, args.name, markdown, t_start)
 
 
 if __name__ == "__main__":

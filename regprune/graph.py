@@ -214,8 +214,6 @@ class GroupGraph:
     def _build(self, include_coupled: bool, family: str | None) -> None:
         for group in self.dg.get_all_groups(root_module_types=(nn.modules.conv._ConvNd, nn.Linear)):
             root_mod = group[0].dep.target.module
-            if isinstance(root_mod, nn.modules.conv._ConvNd) and root_mod.transposed:
-                pass  # a transposed conv roots its group like any conv: Torch-Pruning maps its dims
             root = self.names[root_mod]
             members = self._members(group)
             writers = [m.name for m in members if m.side == "out" and is_counted(self.module(m.name))
@@ -273,8 +271,7 @@ class GroupGraph:
                 g.in_scope, g.reason = False, "one channel per grouped-conv block"
                 continue
             cands[g.root] = picks
-        factory = lambda m, x: GroupGraph(m, x, safety=False, probe=False)  # noqa: E731
-        bad = group_safety(self.model, self.example_inputs, factory, cands, verified_surgery)
+        bad = group_safety(self.model, self.example_inputs, trial_graph, cands, verified_surgery)
         hint = ""
         if self.untraced:
             hint += f"; layers the trace never reached: {', '.join(self.untraced[:4])}"
@@ -320,6 +317,11 @@ class GroupGraph:
                 dim = 1 - dim if transposed else dim
                 out.append((f"{m.name}.weight", mod.weight, dim))
         return out
+
+
+def trial_graph(model: nn.Module, example_inputs: Any) -> GroupGraph:
+    """The bare dependency graph a safety trial cuts (no probe passes, no safety decision of its own)."""
+    return GroupGraph(model, example_inputs, safety=False, probe=False)
 
 
 def model_family(model: nn.Module) -> str | None:

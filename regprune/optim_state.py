@@ -26,21 +26,11 @@ from .errors import UserError
 from .graph import GroupGraph, model_family
 from .methods.base import Picks
 from .surgery import apply_picks
+from .verify import _float64
 
 __all__ = ["kept_indices", "rebind_optimizer"]
 
 _EXACT = 2 ** 53  # float64 holds every integer up to here exactly
-
-
-def _to_float64(x: Any) -> Any:
-    """Floating tensors of a (nested) example input converted to float64; anything else as is."""
-    if isinstance(x, torch.Tensor):
-        return x.to(torch.float64) if x.is_floating_point() else x
-    if isinstance(x, (list, tuple)):
-        return type(x)(_to_float64(v) for v in x)
-    if isinstance(x, dict):
-        return {k: _to_float64(v) for k, v in x.items()}
-    return x
 
 
 def kept_indices(model: nn.Module, example_inputs: Any, picks: Picks,
@@ -72,7 +62,7 @@ def kept_indices(model: nn.Module, example_inputs: Any, picks: Picks,
         p.grad = None
     old_shapes = {n: p.shape for n, p in probe.named_parameters()}
     # the probe needs the groups only: scope and safety are the real pruning call's
-    graph = GroupGraph(probe, _to_float64(example_inputs), include_coupled, model_family(probe), safety=False)
+    graph = GroupGraph(probe, _float64(example_inputs), include_coupled, model_family(probe), safety=False)
     with torch.no_grad():  # after tracing: the tracer follows autograd
         for name, p in probe.named_parameters():
             if p.numel() > _EXACT:

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UserError
-from .graph import GroupGraph, analyze
+from .graph import GroupGraph, analyze, trial_graph
 from .verify import Mismatch, ModelSnapshot, Verification, consumer_columns, group_safety, verify_outputs, zero_consumers
 from .methods.base import Picks
 from .counting import call_model
@@ -94,8 +94,7 @@ def apply_picks(graph: GroupGraph, picks: Picks, verify: bool = True) -> nn.Modu
 
 def _faulty_groups(graph: GroupGraph, picks: dict[str, list[int]]) -> dict[str, str]:
     """The groups whose picks alone fail verification (bisection on copies of the restored model)."""
-    factory = lambda m, x: GroupGraph(m, x, safety=False, probe=False)  # noqa: E731
-    return group_safety(graph.model, graph.example_inputs, factory, picks, verified_surgery)
+    return group_safety(graph.model, graph.example_inputs, trial_graph, picks, verified_surgery)
 
 
 def reference_model(graph: GroupGraph, picks: Picks) -> nn.Module:

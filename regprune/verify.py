@@ -312,10 +312,11 @@ def consumer_columns(graph, picks: dict[str, list[int]]) -> list[tuple[str, list
                 continue
             if is_depthwise(mod) or isinstance(mod, nn.modules.batchnorm._BatchNorm):
                 continue  # a depthwise conv's inputs are its outputs: their readers are zeroed instead
-            if isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd, PadShortcut)):
+            # conv / linear / shortcut readers get their inputs zeroed; any other reader with a weight matrix is
+            # listed too, and refused by _zero_inputs
+            if (isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd, PadShortcut))
+                    or any(p.dim() >= 2 for p in mod.parameters(recurse=False))):
                 out.append((graph.names[mod], [int(i) for i in item.idxs]))
-            elif any(p.dim() >= 2 for p in mod.parameters(recurse=False)):
-                out.append((graph.names[mod], [int(i) for i in item.idxs]))  # refused in _zero_inputs
     return out
 
 

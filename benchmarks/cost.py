@@ -10,7 +10,7 @@
     process's peak-RSS mark is reset (Linux `/proc/self/clear_refs`), the work runs, and the peak resident set
     size (`VmHWM`) is read; reported as that peak and as its increase over the RSS before the work.
     On CUDA: `torch.cuda.max_memory_allocated` around the steps instead.
-On CUDA, also dense-vs-pruned ResNet-50 latency at batch 1 and 64 with AMP and channels_last.
+Dense-vs-pruned latency is benchmarks/speedup.py's subject (every runtime, CPU and `--cuda`).
 
 Writes benchmarks/results/cost.json and cost.md.
 
@@ -35,8 +35,8 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402  (puts the repository root on sys.path)
-from common import hardware_info, log  # noqa: E402
+import harness as H  # noqa: E402  (puts the repository root on sys.path)
+from harness import hardware_info, log  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -51,7 +51,7 @@ from regprune.graph import CUSTOM_PRUNERS  # noqa: E402
 from regprune.methods.greg import GRegConfig  # noqa: E402
 from regprune.methods.spm import SPMRegularizer, insert_gates  # noqa: E402
 from regprune.models import create_model  # noqa: E402
-from regprune.report import compare_latency, format_table  # noqa: E402
+from regprune.report import format_table  # noqa: E402
 
 __all__ = ["main", "STEP_VARIANTS", "PRUNE_VARIANTS"]
 
@@ -421,68 +421,6 @@ def _bench_memory(args: argparse.Namespace, device: str, picks_file: str) -> dic
     return out
 
 
-# ---------------------------------------------------------------------------------------------- latency
-def bench_latency(device: torch.device, image: int, ratios: str, amp: bool, channels_last: bool,
-                  batches: tuple[int, ...], repeats: int) -> dict[str, Any]:
-    """Dense vs pruned ResNet-50 forward latency (regprune.report.compare_latency, interleaved)."""
-    dense = _resnet50()
-    x1 = torch.randn(1, 3, image, image)
-    pruned = rp_prune(dense, x1, ratios=ratios).model
-    macs = {"dense": count_macs(dense, x1), "pruned": count_macs(pruned, x1)}
-    models = {"dense": dense.to(device), "pruned": pruned.to(device)}
-    if channels_last:
-        for m in models.values():
-            m.to(memory_format=torch.channels_last)
-    out: dict[str, Any] = {"device": str(device), "amp": amp, "channels_last": channels_last, "image": image,
-                           "macs_speedup": macs["dense"] / macs["pruned"], "by_batch": {}}
-    if device.type == "cuda":
-        out["gpu"] = torch.cuda.get_device_name(device)
-    for b in batches:
-        x = torch.randn(b, 3, image, image, device=device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
-                                             enabled=amp):
-            ms = compare_latency(models, x, repeats=repeats, warmup=3)
-        row = {"dense_ms": ms["dense"], "pruned_ms": ms["pruned"], "speedup": ms["dense"] / ms["pruned"]}
-        if device.type == "cuda":
-            g = graph_latency(models, x, amp, repeats)
-            row.update(graph_dense_ms=g["dense"], graph_pruned_ms=g["pruned"], graph_speedup=g["dense"] / g["pruned"])
-        out["by_batch"][str(b)] = row
-        log(f"  latency {device.type} batch {b}: dense {ms['dense']:.2f} ms, pruned {ms['pruned']:.2f} ms"
-            + (f"; CUDA graph dense {row['graph_dense_ms']:.2f} ms, pruned {row['graph_pruned_ms']:.2f} ms"
-               if "graph_dense_ms" in row else ""))
-    return out
-
-
-def graph_latency(models: dict[str, nn.Module], x: torch.Tensor, amp: bool, repeats: int) -> dict[str, float]:
-    """Median forward time (ms) of each model replayed as a captured CUDA graph (no per-kernel launch cost),
-    timed with CUDA events, models interleaved."""
-    graphs = {}
-    for k, m in models.items():
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-            for _ in range(3):  # warm up on a side stream before capture, as torch.cuda.graphs asks
-                m(x)
-        torch.cuda.current_stream().wait_stream(stream)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g), torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-            m(x)
-        graphs[k] = g
-    times: dict[str, list[float]] = {k: [] for k in graphs}
-    for _ in range(repeats):
-        for k, g in graphs.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(10):
-                g.replay()
-            end.record()
-            end.synchronize()
-            times[k].append(start.elapsed_time(end) / 10)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 # ---------------------------------------------------------------------------------------------- report
 def markdown(res: dict[str, Any]) -> str:
     hw = res["hardware"]
@@ -560,23 +498,8 @@ def markdown(res: dict[str, Any]) -> str:
         if any("GPU alloc MB" in r for r in rows):
             cols.append("GPU alloc MB")
         lines += [format_table(rows, cols), ""]
-    for lat in res.get("latency", []):
-        lines += [f"## Dense vs pruned ResNet-50 latency, {lat['device']}{' (' + lat['gpu'] + ')' if lat.get('gpu') else ''}",
-                  "", f"AMP {lat['amp']}, channels_last {lat['channels_last']}, {lat['image']}x{lat['image']}, "
-                  f"{lat['macs_speedup']:.2f}x fewer MACs.", ""]
-        rows = [{"batch": b, "dense ms": f"{v['dense_ms']:.2f}", "pruned ms": f"{v['pruned_ms']:.2f}", "speedup": f"{v['speedup']:.2f}x",
-                 **({"graph dense ms": f"{v['graph_dense_ms']:.2f}", "graph pruned ms": f"{v['graph_pruned_ms']:.2f}",
-                     "graph speedup": f"{v['graph_speedup']:.2f}x"} if "graph_dense_ms" in v else {})}
-                for b, v in lat["by_batch"].items()]
-        cols = ["batch", "dense ms", "pruned ms", "speedup"]
-        if any("graph speedup" in r for r in rows):
-            cols += ["graph dense ms", "graph pruned ms", "graph speedup"]
-            lines += ["Eager: the forward called from Python (wall clock, synchronised). Graph: the same forward "
-                      "captured once as a CUDA graph and replayed (CUDA events), which removes the per-kernel launch "
-                      "cost that dominates small batches.", ""]
-        lines += [format_table(rows, cols), ""]
     if not res.get("steps_cuda"):
-        lines += ["No CUDA device was available for this run: the CUDA step ratios and GPU latency were not measured.", ""]
+        lines += ["No CUDA device was available for this run: the CUDA step ratios were not measured.", ""]
     return "\n".join(lines)
 
 
@@ -596,7 +519,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--mem-steps", type=int)
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--cuda-only", action="store_true",
-                    help="only the CUDA figures: step ratios, GPU memory and GPU latency (needs a CUDA device)")
+                    help="only the CUDA figures: step ratios and GPU memory (needs a CUDA device)")
     ap.add_argument("--cuda-batches", type=int, nargs="+", default=[128, 1024],
                     help="batch sizes of the CUDA step timing (default 128 1024)")
     ap.add_argument("--out-dir", type=Path, default=HERE / "results")
@@ -651,15 +574,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             picks = prune_regprune(ref, torch.randn(1, 3, args.image, args.image, generator=torch.Generator().manual_seed(0)), args.ratios)
         res["memory"] = bench_memory(args, "cuda" if cuda else "cpu", picks)
         res["memory"]["steps_tag"] = "CUDA" if cuda else "CPU"
-    res["latency"] = []
-    if cuda:
-        log("dense vs pruned ResNet-50 latency on CUDA")
-        res["latency"].append(bench_latency(torch.device("cuda"), 224, args.ratios, True, True, (1, 64), 10 if args.quick else 50))
-    if not args.cuda_only:
-        log("dense vs pruned ResNet-50 latency on CPU (batch 1, fp32)")
-        res["latency"].append(bench_latency(torch.device("cpu"), args.image, args.ratios, False, False, (1,), 3 if args.quick else 10))
-    return common.write_results(res, args.out_dir, args.name, markdown, t_start)
+    return H.write_outputs(res, args.out_dir, args.name, markdown, t_start=t_start)
 
 
 if __name__ == "__main__":
-    common.run_script(main)
+    H.run_script(main)

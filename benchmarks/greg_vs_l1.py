@@ -5,13 +5,15 @@ with the pruning ratio. This script trains ONE base CIFAR-style ResNet on Fashio
 ratio and seed, prunes it four ways through regprune's own pipeline (the code behind `regprune prune`):
 
   l1        one-shot L1 removal, then fine-tuning
-  greg1     GReg-1 regularization, removal, the same fine-tuning
-  greg2     GReg-2 regularization, removal, the same fine-tuning
-  l1+extra  L1 whose fine-tuning also gets the iterations GReg spent regularizing (equal total training)
+  greg1     GReg-1 regularization (the library's budget-aware schedule for `reg_iters`, `reg_lr` and the
+            momentum), removal, the same fine-tuning
+  greg2     GReg-2 likewise
+  l1+extra  L1 whose fine-tuning also gets GReg's regularization budget (equal total training)
 
 All four fine-tune with identical settings (epochs, lr, schedule, batch). Seeds vary pruning/fine-tuning
-(data order, augmentation), never the base. Results go to benchmarks/results/greg_vs_l1_<scale>.{md,json}
-and the paper's Figure 1 (filter norms separating during GReg) to greg_vs_l1_<scale>_separation.png.
+(data order, augmentation), never the base. The skeleton (presets, seeds, job pool, resume, time budget,
+summary) is benchmarks/harness.py. Results go to benchmarks/results/greg_vs_l1_<scale>.{md,json} and the
+paper's Figure 1 (filter norms separating during GReg) to greg_vs_l1_<scale>_separation.png.
 
     python benchmarks/greg_vs_l1.py --scale smoke             # seconds; what the test runs
     nice -n 10 python benchmarks/greg_vs_l1.py --scale cpu    # ResNet-20, ~45 min on 2 CPU cores
@@ -21,9 +23,6 @@ and the paper's Figure 1 (filter norms separating during GReg) to greg_vs_l1_<sc
 
 from __future__ import annotations
 
-import argparse
-import copy
-import dataclasses
 import json
 import math
 import statistics
@@ -35,8 +34,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402  (puts the repository root on sys.path too)
-from common import fmt_pm, log, mean_std, write_json  # noqa: E402
+import harness as H  # noqa: E402  (puts the repository root on sys.path too)
+from harness import fmt_pm, log, mean_std  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -47,54 +46,31 @@ from regprune.methods.greg import GRegConfig  # noqa: E402
 from regprune.models import create_model  # noqa: E402
 from regprune.pipeline import JobOptions, RunDir, prune_job, prune_plan, train_job  # noqa: E402
 
-__all__ = ["main", "Settings", "SCALES", "greg_overrides", "METHODS"]
+__all__ = ["main", "Settings", "SCALES", "greg_overrides", "METHODS", "BENCH"]
 
 HERE = Path(__file__).resolve().parent
 METHODS = ("l1", "greg1", "greg2", "l1+extra")
 DATA = "fashion-mnist"
 FASHION_TRAIN, FASHION_TEST = 60000, 10000
 
-# The paper's CIFAR GReg schedule, in the quantities the compressed schedule preserves (see greg_overrides).
-PAPER_LR_PRUNE = 1e-3
-# GReg-2's pick phase: lambda grows 0 -> 1e-2 over 10,000 iterations at lr 1e-3 with momentum 0.9, i.e.
-# an integrated uniform decay of (1e-3 / 0.1) * (1e-2 / 2) * 10,000 = 0.5 nepers on every filter.
-PICK_DECAY = 0.5
-# Kept filters under GReg-2's recover level -1e-4 through ~99,000 growth iterations: 0.1 nepers of growth.
-RECOVER_GROWTH = 0.1
-# The pruned filters' integrated decay by the end of growth, if the loss did not resist: twice what the
-# stopping rule (kept/pruned magnitude ratio 1000 = e^6.9) needs, so the rule fires ~70% into growth.
-GROW_DECAY = 2 * math.log(1000.0)
-
 
 # ---------------------------------------------------------------------------------------------- settings
 @dataclass
-class Settings:
-    """Everything that shapes the benchmark (stored verbatim in the JSON)."""
-
-    scale: str
-    model: str
-    batch_size: int
-    base_epochs: float
-    base_lr: float
-    base_schedule: str
-    ft_epochs: float
-    ft_lr: float
-    ft_schedule: str
-    ft_warmup_epochs: float
-    reg_iters: int | None          # GReg's iteration budget; None: the paper's full schedule
-    reg_lr: float                  # lr_prune: constant lr while regularizing
-    greg_levels: str               # "auto" (budget-matched penalties), "scaled" (GRegConfig.scaled), "paper"
-    seeds: int
-    ratios: list[str]
-    limit_train: int | str | None  # "auto": the largest subset the time budget allows
-    limit_test: int | None
-    device: str = "cpu"
-    amp: bool = False
-    workers: int = 0
+class Settings(H.BaseSettings):
+    model: str = "resnet20"
+    base_epochs: float = 1
+    base_lr: float = 0.1
+    base_schedule: str = "cosine"
+    ft_epochs: float = 1
+    ft_lr: float = 0.01
+    ft_schedule: str = "cosine"
+    ft_warmup_epochs: float = 0.0
+    reg_iters: int | None = 100    # GReg's iteration budget; None: the paper's full schedule
+    reg_lr: float = 0.01           # lr_prune: constant lr while regularizing
+    ratios: list[str] = field(default_factory=lambda: ["*.conv1:0.9"])
+    limit_train: int | str | None = None  # "auto": the largest subset the time budget allows
     threads: int = 0               # torch CPU threads; 0: measure 1 vs all and take the faster
     budget_min: float = 45.0       # target wall time of the whole run ("auto" subset only)
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
     base_seed: int = 0
     candidates: list[list[int]] = field(default_factory=list)  # (train, test) subsets the planner picks from
 
@@ -102,23 +78,20 @@ class Settings:
 SCALES: dict[str, Settings] = {
     # seconds of training; most of a smoke run is the pipeline's fixed per-job work (latency probes, plots)
     "smoke": Settings(scale="smoke", model="resnet20", batch_size=16, base_epochs=1, base_lr=0.05,
-                      base_schedule="cosine", ft_epochs=1, ft_lr=0.01, ft_schedule="cosine", ft_warmup_epochs=0.0,
-                      reg_iters=20, reg_lr=0.01, greg_levels="auto", seeds=2, ratios=["*.conv1:0.9"],
-                      limit_train=160, limit_test=64, threads=1),
-    "cpu": Settings(scale="cpu", model="resnet20", batch_size=64, base_epochs=15, base_lr=0.1,
-                    base_schedule="cosine", ft_epochs=4, ft_lr=0.01, ft_schedule="cosine", ft_warmup_epochs=0.0,
-                    reg_iters=120, reg_lr=0.01, greg_levels="auto", seeds=3, ratios=["*.conv1:0.9"],
-                    limit_train="auto", limit_test=None, budget_min=45.0,
+                      ft_epochs=1, ft_lr=0.01, reg_iters=20, reg_lr=0.01, seeds=2, limit_train=160, limit_test=64,
+                      threads=1, methods=list(METHODS)),
+    "cpu": Settings(scale="cpu", model="resnet20", batch_size=64, base_epochs=15, base_lr=0.1, ft_epochs=4,
+                    ft_lr=0.01, reg_iters=120, reg_lr=0.01, seeds=3, limit_train="auto", limit_test=None,
+                    budget_min=45.0, methods=list(METHODS),
                     candidates=[[1000, 1000], [1500, 1000], [2000, 1000], [3000, 2000], [4000, 2000],
                                 [6000, 2000], [8000, 3000], [12000, 5000], [16000, 5000], [24000, 10000],
                                 [32000, 10000], [45000, 10000], [60000, 10000]]),
-    "gpu": Settings(scale="gpu", model="resnet56", batch_size=128, base_epochs=200, base_lr=0.1,
-                    base_schedule="cosine", ft_epochs=120, ft_lr=0.01, ft_schedule="0:0.01,60:0.001,90:0.0001",
+    "gpu": Settings(scale="gpu", model="resnet56", batch_size=128, base_epochs=200, base_lr=0.1, ft_epochs=120,
+                    ft_lr=0.01, ft_schedule="0:0.01,60:0.001,90:0.0001",
                     # the paper jumps from lr 1e-3 (regularizing) to 1e-2; a 1-epoch ramp, identical for every
                     # method, avoids the accuracy collapse users of the original code hit (methods.md s.7)
-                    ft_warmup_epochs=1.0, reg_iters=None, reg_lr=PAPER_LR_PRUNE, greg_levels="paper", seeds=3,
-                    ratios=["*.conv1:0.9"], limit_train=None, limit_test=None, device="cuda", amp=True,
-                    workers=4),
+                    ft_warmup_epochs=1.0, reg_iters=None, reg_lr=1e-3, seeds=3, limit_train=None,
+                    limit_test=None, device="cuda", amp=True, workers=4, methods=list(METHODS)),
 }
 
 
@@ -132,105 +105,50 @@ def _ratio_spec(text: str) -> str:
     return f"*.conv1:{r:g}"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scale", choices=sorted(SCALES), default="cpu")
-    ap.add_argument("--ratios", nargs="+", metavar="SPEC",
-                    help="one or more ratio specs (regprune's languages, e.g. '*.conv1:0.9' or "
-                         "'[0,0.75,0.75,0.32,0]'); a bare number r means '*.conv1:r'. Default '*.conv1:0.9'")
-    ap.add_argument("--seeds", type=int, help="pruning/fine-tuning seeds per method (>= 3 for a real run)")
+def add_args(ap) -> None:
+    ap.add_argument("--ratios", nargs="+", metavar="SPEC", type=_ratio_spec,
+                    help="ratio specs (e.g. '*.conv1:0.9'); a bare number r means '*.conv1:r'")
     ap.add_argument("--base-epochs", type=float)
     ap.add_argument("--ft-epochs", type=float)
     ap.add_argument("--ft-schedule", help="fine-tuning lr schedule: cosine or EPOCH:LR,... (same for every method)")
     ap.add_argument("--reg-iters", type=int, help="GReg's iteration budget (0: the paper's full schedule)")
     ap.add_argument("--reg-lr", type=float, help="GReg's constant lr while regularizing (lr_prune)")
-    ap.add_argument("--greg-levels", choices=["auto", "scaled", "paper"],
-                    help="penalty levels of a compressed GReg schedule (see the README)")
-    ap.add_argument("--limit-train", help="training images (an integer, 'all', or 'auto' to fit --budget-min)")
-    ap.add_argument("--limit-test", help="test images (an integer or 'all')")
-    ap.add_argument("--batch-size", type=int)
     ap.add_argument("--budget-min", type=float, help="wall-time target in minutes for --limit-train auto")
-    ap.add_argument("--device", help="cpu, cuda, cuda:N")
-    ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--amp", action="store_true", default=None)
     ap.add_argument("--workers", type=int)
-    ap.add_argument("--threads", type=int, help="torch CPU threads (0: measure and pick)")
-    ap.add_argument("--out-dir", type=Path, default=HERE / "results")
-    ap.add_argument("--work-dir", type=Path, help="run directories (default benchmarks/work/<scale>)")
-    ap.add_argument("--resume", action="store_true", help="continue an interrupted run in the same work dir")
-    ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
-    return ap.parse_args(argv)
 
 
-def make_settings(args: argparse.Namespace) -> Settings:
-    s = copy.deepcopy(SCALES[args.scale])
-    if args.ratios:
-        s.ratios = [_ratio_spec(r) for r in args.ratios]
-    for name in ("seeds", "base_epochs", "ft_epochs", "reg_lr", "greg_levels", "batch_size", "budget_min",
-                 "device", "amp", "workers", "threads"):
-        v = getattr(args, name)
-        if v is not None:
-            setattr(s, name, v)
-    if args.ft_schedule:
-        s.ft_schedule = args.ft_schedule
-    if args.reg_iters is not None:
-        s.reg_iters = args.reg_iters or None
-    common.apply_limits(s, args, allow_auto_train=True)
-    if s.seeds < 1:
-        raise UserError("--seeds must be >= 1")
-    if s.reg_iters is None and s.greg_levels != "paper":
-        raise UserError("the paper's full GReg schedule (--reg-iters 0) runs with --greg-levels paper")
-    return s
+def check(s: Settings) -> None:
+    if s.reg_iters == 0:
+        s.reg_iters = None  # 0 on the command line: the paper's full schedule
+
+
+def jobs(s: Settings) -> list[dict[str, Any]]:
+    check(s)
+    return [{"ratio_spec": spec, "method": m, "seed": k} for k in range(s.seeds) for spec in s.ratios
+            for m in s.methods]
 
 
 # ---------------------------------------------------------------------------------------------- GReg config
 def greg_overrides(method: str, s: Settings, track: list[str]) -> dict[str, Any]:
-    """GRegConfig fields (paper names) for one method, handed to the pipeline as JobOptions.greg.
-
-    * "paper": the paper's CIFAR schedule (update every 10 iterations, 10,000 to stabilize), lr_prune 1e-3.
-    * "scaled": `GRegConfig.scaled(reg_iters)`, the library's compression: phase lengths shrink to the
-      budget, the paper's penalty ceilings stay. Under a ~1000x compression the penalties then act for so
-      few iterations that the pruned filters barely shrink (about e^-0.5 at lr 1e-3).
-    * "auto": the phase lengths of "scaled", with the penalty levels set from the budget so that the
-      compressed schedule does what the paper's does: GReg-2's pick phase applies the paper's uniform
-      decay (0.5 nepers), kept filters get the paper's recover growth (0.1 nepers), and the pruned filters'
-      decay by the end of growth is 2 x ln(1000), so the paper's stopping rule (kept/pruned magnitude 1000)
-      fires inside the budget. The decay of a filter under penalty lambda is ~ lr/(1 - momentum) * lambda
-      per iteration.
-    """
-    out: dict[str, Any] = {"track_layers": list(track)}
-    if s.greg_levels == "paper" or s.reg_iters is None:
-        out.update(update_reg_interval=10, stabilize_reg_interval=10000, lr_prune=s.reg_lr)
-        return out
-    base = GRegConfig.scaled(int(s.reg_iters), method)
-    cfg = dataclasses.replace(base, lr_prune=s.reg_lr)
-    if s.greg_levels == "auto":
-        plan = base.planned_iters(method)
-        interval = base.update_reg_interval
-        n_grow = plan["grow"] // interval
-        lr_eff = s.reg_lr / (1.0 - s.momentum)
-        start, changes = 0.0, {}
-        if method == "greg2":
-            n_pick = plan["pick"] // interval
-            pick = 2.0 * PICK_DECAY / (lr_eff * plan["pick"])
-            changes.update(reg_upper_limit_pick=pick, reg_granularity_pick=pick / n_pick,
-                           reg_granularity_recover=-RECOVER_GROWTH / (lr_eff * plan["grow"]))
-            start = n_pick * (pick / n_pick)
-        ceiling = max(2.0 * GROW_DECAY / (lr_eff * plan["grow"]) - start, 2.0 * start)
-        # (n - 0.5) puts the n-th update clearly past the ceiling, as GRegConfig.scaled does
-        changes.update(reg_upper_limit=ceiling, reg_granularity_prune=(ceiling - start) / (n_grow - 0.5))
-        cfg = dataclasses.replace(cfg, **changes)
-        got = cfg.planned_iters(method)
-        if got != plan:  # the levels must not change the phase lengths the budget fixed
-            raise RuntimeError(f"auto GReg levels changed the schedule: {plan} -> {got}")
-    for name in ("update_reg_interval", "reg_granularity_prune", "reg_upper_limit", "stabilize_reg_interval",
-                 "mag_ratio_limit", "reg_granularity_pick", "reg_upper_limit_pick", "reg_granularity_recover",
-                 "lr_prune"):
-        out[name] = getattr(cfg, name)
+    """GRegConfig overrides handed to the pipeline (JobOptions.greg; the pipeline calls GRegConfig.scaled with
+    JobOptions.reg_iters): the caller's optimizer (lr, momentum) for the library's budget-aware levels, or,
+    without a budget, the paper's CIFAR schedule."""
+    out: dict[str, Any] = {"track_layers": list(track), "lr_prune": s.reg_lr}
+    if s.reg_iters is None:
+        out.update(update_reg_interval=10, stabilize_reg_interval=10000)
+    else:
+        out.update(lr=s.reg_lr, momentum=s.momentum)
     return out
 
 
-def greg_config_of(overrides: dict[str, Any]) -> GRegConfig:
-    return GRegConfig(**overrides)
+def greg_config_of(method: str, s: Settings) -> GRegConfig:
+    o = greg_overrides(method, s, [])
+    return GRegConfig.scaled(s.reg_iters, method, **o) if s.reg_iters else GRegConfig(**o)
+
+
+def reg_total_iters(s: Settings, method: str) -> int:
+    return greg_config_of(method, s).planned_iters(method)["total"]
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -252,25 +170,21 @@ def measure(s: Settings) -> dict[str, Any]:
     shape = _input_shape()
     out: dict[str, Any] = {}
     if s.threads == 0:
-        n, by = common.choose_threads(lambda: _fresh(s.model), s.batch_size, shape)
+        n, by = H.choose_threads(lambda: _fresh(s.model), s.batch_size, shape)
         out["threads_measured_img_s"] = {str(k): round(v, 1) for k, v in by.items()}
         s.threads = n
     else:
         torch.set_num_threads(s.threads)
     out["threads"] = s.threads
-    out["dense_train_img_s"] = common.train_throughput(_fresh(s.model), s.batch_size, shape, steps=4)
-    out["dense_eval_img_s"] = common.eval_throughput(_fresh(s.model), 256, shape)
+    out["dense_train_img_s"] = H.train_throughput(_fresh(s.model), s.batch_size, shape, steps=4)
+    out["dense_eval_img_s"] = H.eval_throughput(_fresh(s.model), 256, shape)
     out["pruned"] = {}
     for spec in s.ratios:
         out["pruned"][spec] = {
-            "train_img_s": common.train_throughput(_pruned(s.model, spec), s.batch_size, shape, steps=4),
-            "eval_img_s": common.eval_throughput(_pruned(s.model, spec), 256, shape),
+            "train_img_s": H.train_throughput(_pruned(s.model, spec), s.batch_size, shape, steps=4),
+            "eval_img_s": H.eval_throughput(_pruned(s.model, spec), 256, shape),
         }
     return out
-
-
-def reg_total_iters(s: Settings, method: str) -> int:
-    return greg_config_of(greg_overrides(method, s, [])).planned_iters(method)["total"]
 
 
 def estimate_s(s: Settings, n_train: int, n_test: int, tp: dict[str, Any]) -> dict[str, float]:
@@ -308,13 +222,28 @@ def choose_subset(s: Settings, tp: dict[str, Any]) -> dict[str, Any]:
             "candidates": rows, "fits": any(r["estimate_min"] * 60 <= budget for r in rows)}
 
 
+def estimate(s: Settings, args) -> dict[str, Any]:
+    """--dry-run and cpu planning: measured throughput, the "auto" subset, the GReg schedules, a time estimate."""
+    plan: dict[str, Any] = {"greg_configs": {m: greg_overrides(m, s, ["<tracked>"]) for m in ("greg1", "greg2")},
+                            "greg_schedules": {m: greg_config_of(m, s).planned_iters(m) for m in ("greg1", "greg2")},
+                            "greg_predicted": {m: greg_config_of(m, s).predict(m) for m in ("greg1", "greg2")}
+                            if s.reg_iters else None}
+    if str(s.device).startswith("cpu"):
+        plan["throughput"] = measure(s)  # also settles the thread count
+    if s.limit_train == "auto":
+        plan["subset"] = choose_subset(s, plan["throughput"])
+        s.limit_train, s.limit_test = plan["subset"]["chosen"]
+    n_train = s.limit_train if isinstance(s.limit_train, int) else FASHION_TRAIN
+    n_test = s.limit_test if isinstance(s.limit_test, int) else FASHION_TEST
+    if "throughput" in plan:
+        plan["estimate"] = estimate_s(s, n_train, n_test, plan["throughput"])
+        plan["summary"] = f"estimated {plan['estimate']['total_s'] / 60:.1f} min (worst case) on {n_train}/{n_test} images"
+    for m in ("greg1", "greg2"):
+        print(f"    {m} schedule: {plan['greg_schedules'][m]}", flush=True)
+    return plan
+
+
 # ---------------------------------------------------------------------------------------------- running
-def _run_dir(path: Path, resume: bool) -> RunDir:
-    if resume and (path / "state.json").exists():
-        return RunDir(path, resume=True)
-    return RunDir(path, overwrite=True)
-
-
 def job_options(s: Settings, **kw: Any) -> JobOptions:
     common_kw = dict(model=s.model, data=DATA, batch_size=s.batch_size, workers=s.workers, device=s.device,
                      amp=s.amp, progress=False, weight_decay=s.weight_decay, momentum=s.momentum,
@@ -335,23 +264,7 @@ def stretch_schedule(schedule: str, factor: float) -> str:
     return ",".join(parts)
 
 
-def base_curve(run_path: Path) -> list[dict[str, float]]:
-    recs = E.read_metrics(run_path / E.METRICS_FILE)
-    return [{"epoch": r["epoch"], "test_top1": r["test_top1"], "train_loss": r.get("loss")}
-            for r in recs if r.get("kind") == "epoch" and r.get("phase") == "train" and "test_top1" in r]
-
-
-def plateau(curve: list[dict[str, float]], tail: int = 3, tol: float = 0.3) -> dict[str, Any]:
-    """Did test accuracy stop rising? Best of the last `tail` epochs vs the best before them."""
-    accs = [c["test_top1"] for c in curve]
-    if len(accs) <= tail:
-        return {"plateaued": False, "reason": f"only {len(accs)} epochs", "gain_last_epochs": None}
-    gain = max(accs[-tail:]) - max(accs[:-tail])
-    return {"plateaued": gain <= tol, "gain_last_epochs": round(gain, 3), "tail_epochs": tail, "tolerance": tol}
-
-
-def run_prune(s: Settings, spec: str, method: str, seed: int, base_file: Path, work: Path, resume: bool,
-              track: list[str], extra_iters: int = 0, n_train: int = 0, loaders: tuple | None = None) -> dict[str, Any]:
+def run_prune(s: Settings, spec: str, method: str, seed: int, base_file: Path, work: Path, track: list[str], extra_iters: int = 0, n_train: int = 0, loaders: tuple | None = None) -> dict[str, Any]:
     lib_method = "l1" if method == "l1+extra" else method
     ft_epochs = s.ft_epochs
     ft_schedule = s.ft_schedule
@@ -361,17 +274,17 @@ def run_prune(s: Settings, spec: str, method: str, seed: int, base_file: Path, w
         ft_epochs = s.ft_epochs + extra_epochs
         ft_schedule = stretch_schedule(s.ft_schedule, ft_epochs / s.ft_epochs)
     o = job_options(s, method=lib_method, base=str(base_file), ratios=spec, seed=seed, ft_epochs=ft_epochs,
+                    reg_iters=s.reg_iters if lib_method != "l1" else None,
                     ft_lr=s.ft_lr, ft_lr_schedule=ft_schedule, ft_warmup_epochs=s.ft_warmup_epochs,
                     greg=greg_overrides(lib_method, s, track) if lib_method != "l1" else {})
     path = work / _slug(spec) / f"{method.replace('+', '_')}-s{seed}"
-    clock = common.Stopwatch()
-    out = prune_job(o, _run_dir(path, resume))
+    t0 = time.perf_counter()
+    out = prune_job(o, RunDir(path, overwrite=True))
     rep = out["report"]
     reg = rep.get("regularize") or {}
     # The pipeline's best_top1 misses the per-epoch evaluations (it looks for "top1" in records that say
     # "test_top1"), so it always equals the final accuracy; read the fine-tuning curve from the metrics.
-    curve = [r["test_top1"] for r in E.read_metrics(path / E.METRICS_FILE)
-             if r.get("phase") == "finetune" and r.get("kind") == "epoch" and "test_top1" in r]
+    curve = [c["test_top1"] for c in H.epoch_curve(path, "finetune")]
     final = float(rep["rows"][1]["top1"])
     recal = _recalibrated(s, path, lib_method, loaders) if loaders is not None else {}
     status = reg.get("status") or {}
@@ -390,7 +303,7 @@ def run_prune(s: Settings, spec: str, method: str, seed: int, base_file: Path, w
         "reg_stop_reason": status.get("stop_reason"), "reg_mag_ratio": status.get("mag_ratio"),
         "greg2_overlap_with_l1": status.get("overlap_l1"),
         "ft_epochs": ft_epochs, "ft_schedule": ft_schedule, "extra_epochs": extra_epochs,
-        "extra_iters": extra_iters, "wall_s": round(clock(), 1), "run_dir": str(path),
+        "extra_iters": extra_iters, "wall_s": round(time.perf_counter() - t0, 1), "run_dir": str(path),
     }
     return row
 
@@ -410,7 +323,8 @@ def _recalibrated(s: Settings, path: Path, method: str, loaders: tuple) -> dict[
         f = path / name
         if f.exists() and (key == "before_ft" or method != "l1"):
             model, _ = load_model(f)
-            out[key] = round(common.bn_recalibrated_top1(model, train_loader, test_loader, device=_device(s)), 2)
+            E.recalibrate_bn(model, train_loader, batches=200, device=E.resolve_device(_device(s)))
+            out[key] = round(H.evaluate(model, test_loader, _device(s))["top1"], 2)
     return out
 
 
@@ -435,44 +349,60 @@ def tracked_layers(s: Settings, spec: str) -> list[str]:
     return list(dict.fromkeys([active[0], widest]))
 
 
+# ---------------------------------------------------------------------------------------------- context
+def prepare(s: Settings, work: Path) -> dict[str, Any]:
+    """The one base (the pipeline's train job in <work>/base; reused when done) and the loaders of the BN
+    re-estimation diagnostic."""
+    from regprune.data import load_data, make_loaders
+
+    if s.limit_train == "auto":  # a run without planning: the smallest candidate
+        s.limit_train, s.limit_test = s.candidates[0]
+    t_base = time.perf_counter()
+    base_path = work / "base"
+    o_base = job_options(s, seed=s.base_seed, epochs=s.base_epochs, lr=s.base_lr, lr_schedule=s.base_schedule)
+    key = json.dumps(E.log.to_jsonable(o_base.__dict__), sort_keys=True, default=str)
+    row_f = base_path / "base_row.json"
+    if (base_path / "model.safetensors").exists() and row_f.exists() and json.loads(row_f.read_text())["key"] == key:
+        base_row = json.loads(row_f.read_text())["row"]
+    else:
+        log(f"training the base {s.model} for {s.base_epochs:g} epochs")
+        base_row = train_job(o_base, RunDir(base_path, overwrite=True))["row"]
+        E.atomic_write_text(row_f, json.dumps(E.log.to_jsonable({"key": key, "row": base_row})))
+    curve = H.epoch_curve(base_path, "train")
+    base = {"top1": float(base_row["top1"]), "params_M": base_row["params_M"], "MMACs": base_row["MMACs"],
+            "epochs": s.base_epochs, "curve": curve, "plateau": H.plateau(curve), "wall_s": round(time.perf_counter() - t_base, 1),
+            "model_file": str(base_path / "model.safetensors")}
+    bundle = load_data(DATA, limit_train=o_base.limit_train, limit_test=o_base.limit_test)
+    loaders = make_loaders(bundle, s.batch_size, seed=12345)  # for the BN re-estimation diagnostic only
+    return {"base": base, "loaders": loaders, "work": work, "n_train": len(bundle.train), "n_test": len(bundle.test)}
+
+
+def run_one(s: Settings, ctx: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+    spec, method, seed = job["ratio_spec"], job["method"], job["seed"]
+    extra = max(reg_total_iters(s, m) for m in ("greg1", "greg2")) if method == "l1+extra" and s.reg_iters else 0
+    return run_prune(s, spec, method, seed, Path(ctx["base"]["model_file"]), ctx["work"], tracked_layers(s, spec),
+                     extra_iters=extra, n_train=ctx["n_train"], loaders=ctx["loaders"])
+
+
 # ---------------------------------------------------------------------------------------------- summary
+PAIRS = (("greg1", "l1"), ("greg2", "l1"), ("greg1", "l1+extra"), ("greg2", "l1+extra"))
+
+
 def summarize(rows: list[dict[str, Any]], s: Settings) -> tuple[list[dict], list[dict]]:
-    groups: list[dict] = []
-    for spec in s.ratios:
-        for method in METHODS:
-            rs = [r for r in rows if r["ratio_spec"] == spec and r["method"] == method]
-            if not rs:
-                continue
-            m, sd = mean_std([r["top1"] for r in rs])
-            bm, bsd = mean_std([r["best_top1"] for r in rs])
-            pm, _ = mean_std([r["before_ft_top1"] for r in rs])
-            pr = _mean_or_none([r.get("before_ft_top1_bn_recal") for r in rs])
-            ar = _mean_or_none([r.get("after_reg_top1_bn_recal") for r in rs])
-            groups.append({"ratio_spec": spec, "method": method, "n_seeds": len(rs), "seeds": [r["seed"] for r in rs],
-                           "top1_mean": m, "top1_std": sd, "top1_values": [r["top1"] for r in rs],
-                           "best_top1_mean": bm, "best_top1_std": bsd, "before_ft_top1_mean": pm, "before_ft_top1_bn_recal_mean": pr,
-                           "after_reg_top1_bn_recal_mean": ar,
-                           "macs_speedup": rs[0]["macs_speedup"],
-                           "latency_speedup_b64_mean": mean_std([r["latency_speedup_b64"] for r in rs])[0],
-                           "reg_iters_mean": mean_std([r["reg_iters"] for r in rs])[0],
-                           "ft_epochs_mean": mean_std([r["ft_epochs"] for r in rs])[0]})
-    comps: list[dict] = []
-    for spec in s.ratios:
-        by = {g["method"]: g for g in groups if g["ratio_spec"] == spec}
-        for a, b in (("greg1", "l1"), ("greg2", "l1"), ("greg1", "l1+extra"), ("greg2", "l1+extra")):
-            if a not in by or b not in by:
-                continue
-            ga, gb = by[a], by[b]
-            delta = ga["top1_mean"] - gb["top1_mean"]
-            spread = ga["top1_std"] + gb["top1_std"]
-            va = {r["seed"]: r["top1"] for r in rows if r["ratio_spec"] == spec and r["method"] == a}
-            vb = {r["seed"]: r["top1"] for r in rows if r["ratio_spec"] == spec and r["method"] == b}
-            paired = [round(va[k] - vb[k], 2) for k in sorted(va) if k in vb]
-            comps.append({"ratio_spec": spec, "a": a, "b": b, "delta_mean": delta, "spread": spread,
-                          "exceeds_spread": abs(delta) > spread and ga["n_seeds"] > 1 and gb["n_seeds"] > 1,
-                          "paired_deltas": paired,
-                          "paired_same_sign": bool(paired) and (all(d > 0 for d in paired) or all(d < 0 for d in paired))})
+    groups = H.summarize(rows, ("ratio_spec", "method"), ("top1", "best_top1", "before_ft_top1",
+                         "before_ft_top1_bn_recal", "after_reg_top1_bn_recal", "latency_speedup_b64", "reg_iters",
+                         "ft_epochs"), order=lambda k: (s.ratios.index(k[0]), METHODS.index(k[1])))
+    for g in groups:
+        g["macs_speedup"] = next(r["macs_speedup"] for r in rows if r["ratio_spec"] == g["ratio_spec"]
+                                 and r["method"] == g["method"])
+    comps = H.compare(groups, rows, ("ratio_spec",), "top1", pairs=PAIRS)
+    for c in comps:
+        c["delta_mean"], c["paired_deltas"] = c["diff"], c["paired_diffs"]
     return groups, comps
+
+
+def _opt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
 
 
 def diagnostic_notes(rows: list[dict[str, Any]], s: Settings) -> list[str]:
@@ -502,7 +432,7 @@ def build_notes(rows: list[dict[str, Any]], s: Settings, base: dict[str, Any], c
     notes = []
     for c in comps:
         notes.append(f"`{c['ratio_spec']}` {c['a']} vs {c['b']}: Δ {c['delta_mean']:+.2f} points, spread "
-                     f"{c['spread']:.2f}: {verdict(c)}"
+                     f"{c['spread']:.2f}: {H.verdict(c)}"
                      + ("; same sign on every seed" if c["paired_same_sign"] else "; sign differs between seeds"))
     notes += diagnostic_notes(rows, s)
     if not base["plateau"]["plateaued"]:
@@ -510,25 +440,9 @@ def build_notes(rows: list[dict[str, Any]], s: Settings, base: dict[str, Any], c
                      "better-trained base may change the gaps.")
     if s.scale != "gpu":
         notes.append("Small-scale caveat: the paper's 110k-iteration GReg schedule is compressed to "
-                     f"{s.reg_iters} iterations here (see the README's 'penalty levels'); fine-tuning is "
+                     f"{s.reg_iters} iterations here (the library's budget-aware schedule); fine-tuning is "
                      f"{s.ft_epochs:g} epochs rather than 120.")
     return notes
-
-
-def _mean_or_none(values: list) -> float | None:
-    vals = [v for v in values if v is not None]
-    return mean_std(vals)[0] if vals else None
-
-
-def _opt(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f}"
-
-
-def verdict(c: dict[str, Any]) -> str:
-    sign = "higher" if c["delta_mean"] > 0 else "lower"
-    if c["exceeds_spread"]:
-        return f"yes: {c['a']} is {sign} by more than the seed spread"
-    return "no: inside the seed spread"
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -549,10 +463,11 @@ def markdown(result: dict[str, Any]) -> str:
            else f"Too few epochs to judge a plateau ({pl.get('reason')})."),
         f"- Fine-tuning, identical for l1 / greg1 / greg2: {s['ft_epochs']:g} epochs, lr {s['ft_lr']:g} "
         f"{s['ft_schedule']}, warm-up {s['ft_warmup_epochs']:g} epochs. l1+extra: the same schedule stretched by "
-        f"the iterations GReg spent regularizing (the larger of GReg-1's and GReg-2's, per seed).",
+        f"GReg's regularization budget (the larger of GReg-1's and GReg-2's planned schedules).",
         "- GReg regularization (before removal, on top of the fine-tuning): "
         + (f"budget {s['reg_iters']} iterations" if s["reg_iters"] else "the paper's full schedule")
-        + f" at constant lr {s['reg_lr']:g}, penalty levels '{s['greg_levels']}' (see the JSON `greg_configs`);"
+        + f" at constant lr {s['reg_lr']:g}, the library's `GRegConfig.scaled` levels for this lr and momentum"
+        " (see the JSON `greg_configs`);"
         f" it ends early when every layer's kept/pruned magnitude ratio reaches 1000.",
         f"- Seeds: {s['seeds']} per method (they vary data order and augmentation in regularization and "
         f"fine-tuning; L1's picks are deterministic). Top-1 is the final epoch's accuracy on the test images "
@@ -573,7 +488,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {g['method']} | `{g['ratio_spec']}` | {g['macs_speedup']:.2f}x | {fmt_pm(g['top1_mean'], g['top1_std'])} | "
             f"{', '.join(f'{v:.2f}' for v in g['top1_values'])} | {fmt_pm(g['best_top1_mean'], g['best_top1_std'])} | "
-            f"{g['before_ft_top1_mean']:.2f} ({_opt(g['before_ft_top1_bn_recal_mean'])}) | "
+            f"{_opt(g['before_ft_top1_mean'])} ({_opt(g['before_ft_top1_bn_recal_mean'])}) | "
             f"{_opt(g['after_reg_top1_bn_recal_mean'])} | {g['reg_iters_mean']:.0f} | {g['ft_epochs_mean']:.2f} |")
     lines.append(f"| dense base | - | 1.00x | {base['top1']:.2f} | - | - | - | - | - | {s['base_epochs']:g} (training) |")
     lines += ["", "Differences (mean of a − mean of b, in top-1 points; spread = std a + std b; "
@@ -582,7 +497,7 @@ def markdown(result: dict[str, Any]) -> str:
               "|---|---|---|---|---|---|"]
     for c in result["comparisons"]:
         lines.append(f"| `{c['ratio_spec']}` | {c['a']} vs {c['b']} | {c['delta_mean']:+.2f} | {c['spread']:.2f} | "
-                     f"{', '.join(f'{d:+.2f}' for d in c['paired_deltas'])} | {verdict(c)} |")
+                     f"{', '.join(f'{d:+.2f}' for d in c['paired_deltas'])} | {H.verdict(c)} |")
     if result.get("separation_plot"):
         lines += ["", f"Figure: `{Path(result['separation_plot']).name}`: filter L1 norms of "
                   f"`{result['separation_layer']}` during GReg-1 and GReg-2 (seed {result['separation_seed']}), "
@@ -636,150 +551,46 @@ def separation_plot(path: Path, runs: dict[str, Path], layer: str) -> Path | Non
 
 
 # ---------------------------------------------------------------------------------------------- main
-def print_plan(s: Settings, plan: dict[str, Any]) -> None:
-    log(f"greg_vs_l1 plan ({s.scale} scale)")
-    for k, v in dataclasses.asdict(s).items():
-        if k != "candidates":
-            print(f"    {k:18s} {v}")
-    for m in ("greg1", "greg2"):
-        cfg = plan["greg_configs"][m]
-        it = greg_config_of(cfg).planned_iters(m)
-        short = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in cfg.items() if k != "track_layers"}
-        print(f"    {m} schedule: {it} iterations; {short}")
-    if "subset" in plan:
-        sub = plan["subset"]
-        print("    subset candidates (train, test, estimated minutes): "
-              + "; ".join(f"{r['train']}/{r['test']}: {r['estimate_min']}" for r in sub["candidates"]))
-        print(f"    chosen: {sub['chosen'][0]} train / {sub['chosen'][1]} test images "
-              f"(the largest estimated within {sub['planned_within_min']} of the {sub['budget_min']:g}-minute budget)")
-    if "throughput" in plan:
-        tp = plan["throughput"]
-        print(f"    measured: {tp['threads']} torch thread(s) {tp.get('threads_measured_img_s', '')}; dense train "
-              f"{tp['dense_train_img_s']:.0f} img/s, eval {tp['dense_eval_img_s']:.0f} img/s; pruned "
-              + ", ".join(f"{k}: train {v['train_img_s']:.0f} / eval {v['eval_img_s']:.0f} img/s"
-                          for k, v in tp["pruned"].items()))
-    if "estimate" in plan:
-        print(f"    estimate (worst case, GReg running its whole budget): {plan['estimate']['total_s'] / 60:.1f} min")
-    n_jobs = 1 + len(s.ratios) * s.seeds * len(METHODS)
-    print(f"    jobs: 1 base + {len(s.ratios)} ratio(s) x {s.seeds} seeds x {len(METHODS)} methods = {n_jobs}", flush=True)
+BENCH = H.Bench(name="greg_vs_l1", doc=__doc__, settings_cls=Settings, scales=SCALES, methods=METHODS,
+                script=Path(__file__).resolve(), job_keys=("ratio_spec", "method", "seed"), jobs=jobs,
+                prepare=prepare, run_one=run_one, add_args=add_args, default_scale="cpu",
+                overrides=("ratios", "base_epochs", "ft_epochs", "ft_schedule", "reg_iters", "reg_lr", "budget_min",
+                           "amp", "workers"),
+                estimate=estimate, dense_model=lambda s: _fresh(s.model), input_shape=(1, 28, 28))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark (or print its plan); returns the result written to the JSON."""
-    args = parse_args(argv)
-    clock = common.Stopwatch()
-    started = time.strftime("%Y-%m-%dT%H:%M:%S")
-    s = make_settings(args)
-    work = (args.work_dir or HERE / "work" / s.scale).resolve()
-    out_dir = args.out_dir.resolve()
-
-    previous = work / "settings.json"
-    if args.resume and previous.exists() and s.limit_train == "auto":
-        # keep the subset the interrupted run chose; a new measurement could pick another
-        old = json.loads(previous.read_text())
-        s.limit_train, s.limit_test = old.get("limit_train"), old.get("limit_test")
-    plan: dict[str, Any] = {"greg_configs": {m: greg_overrides(m, s, ["<tracked>"]) for m in ("greg1", "greg2")}}
-    on_cpu = str(s.device).startswith("cpu")
-    if on_cpu and (s.limit_train == "auto" or s.threads == 0):
-        plan["throughput"] = measure(s)  # also settles the thread count
-    elif on_cpu and s.threads:
-        torch.set_num_threads(s.threads)
-    if s.limit_train == "auto":
-        plan["subset"] = choose_subset(s, plan["throughput"])
-        s.limit_train, s.limit_test = plan["subset"]["chosen"]
-        if not plan["subset"]["fits"]:
-            log("WARNING: even the smallest subset is estimated above the budget; running it anyway")
-    n_train = s.limit_train if isinstance(s.limit_train, int) else FASHION_TRAIN
-    n_test = s.limit_test if isinstance(s.limit_test, int) else FASHION_TEST
-    if "throughput" in plan:
-        plan["estimate"] = estimate_s(s, n_train, n_test, plan["throughput"])
-    print_plan(s, plan)
-    if args.dry_run:
-        return {"settings": dataclasses.asdict(s), "plan": plan, "dry_run": True}
-
-    work.mkdir(parents=True, exist_ok=True)
-    settings_file = work / "settings.json"
-    if args.resume and settings_file.exists():
-        old = json.loads(settings_file.read_text())
-        if {k: v for k, v in old.items() if k != "threads"} != {k: v for k, v in E.log.to_jsonable(dataclasses.asdict(s)).items() if k != "threads"}:
-            raise UserError(f"--resume: {settings_file} was written with other settings; rerun without --resume")
-    write_json(settings_file, dataclasses.asdict(s))
-    hardware = common.hardware_info(str(s.device))
-
-    # 1. the one base model
-    log(f"training the base {s.model} on {n_train} images for {s.base_epochs:g} epochs")
-    t_base = common.Stopwatch()
-    base_path = work / "base"
-    o_base = job_options(s, seed=s.base_seed, epochs=s.base_epochs, lr=s.base_lr, lr_schedule=s.base_schedule)
-    base_run = _run_dir(base_path, args.resume)
-    base_row = train_job(o_base, base_run)["row"]
-    curve = base_curve(base_path)
-    base = {"top1": float(base_row["top1"]), "params_M": base_row["params_M"], "MMACs": base_row["MMACs"],
-            "epochs": s.base_epochs, "curve": curve, "plateau": plateau(curve), "wall_s": round(t_base(), 1),
-            "model_file": str(base_path / "model.safetensors")}
-    log(f"base top-1 {base['top1']:.2f}% after {s.base_epochs:g} epochs ({base['wall_s']:.0f} s); "
-        f"plateau check: {base['plateau']}")
-
-    # 2. every ratio x seed x method, GReg first so that l1+extra knows how many iterations to add
-    from regprune.data import load_data, make_loaders
-
-    bundle = load_data(DATA, limit_train=o_base.limit_train, limit_test=o_base.limit_test)
-    loaders = make_loaders(bundle, s.batch_size, seed=12345)  # for the BN re-estimation diagnostic only
-    rows: list[dict[str, Any]] = []
-    greg_cfgs: dict[str, dict] = {}
-    fig_runs: dict[str, Path] = {}
-    fig_layer = None
-    for spec in s.ratios:
-        track = tracked_layers(s, spec)
-        if fig_layer is None:
-            fig_layer = track[-1]
-        for m in ("greg1", "greg2"):
-            greg_cfgs[f"{spec} {m}"] = greg_overrides(m, s, track)
-        for seed in range(s.seeds):
-            seed_rows: dict[str, dict] = {}
-            for method in ("greg1", "greg2", "l1", "l1+extra"):
-                extra = max(seed_rows["greg1"]["reg_iters"], seed_rows["greg2"]["reg_iters"]) if method == "l1+extra" else 0
-                log(f"{spec} seed {seed}: {method}" + (f" (+{extra} iterations of fine-tuning)" if extra else ""))
-                row = run_prune(s, spec, method, seed, base_path / "model.safetensors", work, args.resume, track,
-                                extra_iters=extra, n_train=n_train, loaders=loaders)
-                seed_rows[method] = row
-                rows.append(row)
-                log(f"    top-1 {row['top1']:.2f}% (before fine-tuning {row['before_ft_top1']:.2f}%, "
-                    f"{row['before_ft_top1_bn_recal']}% with BN statistics re-estimated"
-                    + (f", after {row['reg_iters']} reg. iterations {row['after_reg_top1']:.2f}% "
-                       f"({row['after_reg_top1_bn_recal']}% BN re-estimated), "
-                       f"stop: {row['reg_stop_reason']}" if method.startswith("greg") else "")
-                    + f"), MACs speedup {row['macs_speedup']:.2f}x, {row['wall_s']:.0f} s; elapsed {clock() / 60:.1f} min")
-            if spec == s.ratios[-1] and seed == 0:
-                fig_runs = {m: Path(seed_rows[m]["run_dir"]) for m in ("greg1", "greg2")}
-
+    r = H.main(BENCH, argv)
+    if r["dry_run"]:
+        return {"settings": r["settings"], "plan": r["plan"], "dry_run": True}
+    s, ctx, rows = r["settings_obj"], r["ctx"], r["rows"]
     groups, comps = summarize(rows, s)
-    notes = build_notes(rows, s, base, comps)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
+    notes = build_notes(rows, s, ctx["base"], comps)
+    out_dir = r["args"].out_dir.resolve()
     stem = f"greg_vs_l1_{s.scale}"
-    fig_path = None
-    try:
-        fig_path = separation_plot(out_dir / f"{stem}_separation.png", fig_runs, fig_layer) if fig_runs else None
-    except Exception as exc:  # a plotting failure must not lose an hour of results
-        log(f"WARNING: the separation plot failed ({type(exc).__name__}: {exc}); the run dirs have the pipeline's plots")
+    spec = s.ratios[-1]
+    fig_runs = {x["method"]: Path(x["run_dir"]) for x in rows
+                if x["method"] in ("greg1", "greg2") and x["seed"] == 0 and x["ratio_spec"] == spec}
+    fig_layer = tracked_layers(s, spec)[-1]
+    fig_path = out_dir / f"{stem}_separation.png"
     result = {
-        "benchmark": "greg_vs_l1", "scale": s.scale, "argv": sys.argv[1:] if argv is None else list(argv),
-        "started": started, "wall_time_s": round(clock(), 1), "hardware": hardware,
-        "settings": dataclasses.asdict(s), "plan": plan, "greg_configs": greg_cfgs,
-        "data": {"spec": DATA, "train_images": n_train, "test_images": n_test,
-                 "subset": n_train < FASHION_TRAIN or n_test < FASHION_TEST},
-        "base": base, "results": rows, "summary": groups, "comparisons": comps,
-        "separation_plot": str(fig_path) if fig_path else None, "separation_layer": fig_layer,
-        "separation_seed": 0, "work_dir": str(work), "notes": notes,
+        "benchmark": "greg_vs_l1", "scale": s.scale, "argv": r["argv"], "started": r["date"],
+        "wall_time_s": round(r["wall_time_s"], 1), "hardware": r["hardware"], "n_workers": r["n_workers"],
+        "settings": r["settings"], "plan": r["plan"],
+        "greg_configs": {f"{sp} {m}": greg_overrides(m, s, tracked_layers(s, sp)) for sp in s.ratios
+                         for m in ("greg1", "greg2")},
+        "data": {"spec": DATA, "train_images": ctx["n_train"], "test_images": ctx["n_test"],
+                 "subset": ctx["n_train"] < FASHION_TRAIN or ctx["n_test"] < FASHION_TEST},
+        "base": ctx["base"], "results": rows, "summary": groups, "comparisons": comps,
+        "jobs_done": r["jobs_done"], "jobs_expected": r["jobs_expected"], "complete": r["complete"],
+        "separation_plot": str(fig_path) if fig_runs else None, "separation_layer": fig_layer,
+        "separation_seed": 0, "work_dir": str(r["work"]), "notes": notes,
     }
-    write_json(out_dir / f"{stem}.json", result)
-    (out_dir / f"{stem}.md").write_text(markdown(result))
-    log(f"wrote {out_dir / (stem + '.md')}, {stem}.json" + (f", {fig_path.name}" if fig_path else "")
-        + f" in {clock() / 60:.1f} min")
-    print(markdown(result), flush=True)
-    return result
+    res = H.write_outputs(result, out_dir, stem, markdown,
+                          [lambda d: separation_plot(fig_path, fig_runs, fig_layer)] if fig_runs else [])
+    return res
 
 
 if __name__ == "__main__":
-    common.run_script(main)
+    H.run_script(main)

@@ -50,8 +50,8 @@ if OMP_WAIT_POLICY_SET_HERE:
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402  (puts the repository root on sys.path)
-from common import hardware_info, log  # noqa: E402
+import harness as H  # noqa: E402  (puts the repository root on sys.path)
+from harness import hardware_info, log  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -248,7 +248,7 @@ class Runtimes:
             fns, errors = {}, {}
             for k, m in self._cl.items():
                 try:
-                    g = self._capture(amp(m))
+                    g = H.cuda_graph(amp(m))
                 except Exception as exc:  # noqa: BLE001
                     errors[k] = _first_line(exc)
                     continue
@@ -256,19 +256,6 @@ class Runtimes:
                 fns[k] = g.replay
             return fns, errors
         raise ValueError(path)
-
-    @staticmethod
-    def _capture(fn: Callable[[], Any]) -> Any:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):  # warm up on a side stream before capture, as torch.cuda.graphs asks
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        return g
 
 
 def measure_network(key: str, size: int, args: argparse.Namespace, device: torch.device,
@@ -512,8 +499,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     gb = GOAL_BATCH if GOAL_BATCH in args.batches else max(args.batches)
     lines, per = goal_lines(rows, networks, gb)
     res["goal"].update(batch=gb, lines=lines, results=per, met=all(p["met"] for p in per) if per else False)
-    return common.write_results(res, args.out_dir, args.name, markdown, t_start)
+    return H.write_outputs(res, args.out_dir, args.name, markdown, t_start=t_start)
 
 
 if __name__ == "__main__":
-    common.run_script(main)
+    H.run_script(main)

@@ -3,61 +3,56 @@
 Three variants reach the same MACs budget (default: keep 41% of dense MACs, the paper's ResNet-50 point) on
 Fashion-MNIST, each with several seeds, all through regprune's own code paths:
 
-  spm         `regprune scratch` with its defaults: gates from random init, nuclear-norm + MACs losses,
-              gates frozen at S_max (65/90 of the epochs) with the budget snap, exact reconfiguration
+  spm         `regprune scratch` with its defaults: gates from random init (placed after the activations, as
+              the official code), nuclear-norm + MACs losses, gates frozen at S_max (65/90 of the epochs), the
+              library's budget snap (see --snap), exact reconfiguration
   spm_no_nuc  the same with alpha_nuc = 0 (MACs loss only): what the nuclear-norm term adds
-  l1          a dense model trained from the same init for the same number of epochs as the scratch runs,
-              pruned by L1 norm to the same MACs (`regprune prune --method l1 --target-macs`), then fine-tuned
-              for a stated number of extra epochs
+  l1          a dense model trained from the same init for --epochs, pruned by L1 norm to the same MACs
+              (`regprune prune --method l1 --target-macs`), then fine-tuned for --ft-epochs; the scratch runs
+              train for --epochs + --ft-epochs, so every row gets the same total epochs
 
 Seed k fixes the initial weights and the data order of every variant (the L1 base and both SPM runs start from
 the same weights), so per-seed differences are paired. Results: benchmarks/results/spm_ablation_<scale>.{md,json,png}.
+The skeleton (presets, seeds, job pool, resume, time budget, summary) is benchmarks/harness.py: one job per
+variant and seed (the l1 job trains its dense base first; that base is reported as the `dense` row).
 
     python benchmarks/spm_ablation.py --scale smoke              # seconds; what the test runs
     nice -n 10 python benchmarks/spm_ablation.py --scale cpu     # ResNet-20, ~20 min on 2 quiet CPU cores
-    python benchmarks/spm_ablation.py --scale gpu                # ResNet-56, all data, --device cuda --amp
+    python benchmarks/spm_ablation.py --scale gpu --jobs 9       # ResNet-56, all data, --device cuda --amp
     python benchmarks/spm_ablation.py --scale gpu --dry-run      # print the plan only
 
 The cpu scale's default subset (2,000 / 1,000 images) is sized for a quiet machine; on a shared one pass e.g.
 `--limit-train 1000 --limit-test 500` (the plan prints an estimate from measured throughput before training).
-`--resume` reuses every finished job (each run directory's row.json) and re-renders the outputs.
+A second run with the same work dir reuses every finished job (`--fresh` starts over).
 
-Library workaround: the S_max budget snap runs through `snap_to_budget_terminating` below, a copy of
-`regprune.scratch.snap_to_budget` that cannot toggle one gate forever (see SNAP_WORKAROUND); each SPM run
-records how many flips it undid (`snap` in the JSON).
+The SPM variants run `regprune scratch` itself, with its budget snap at S_max turned on (`--no-snap` turns it
+off) so that every variant meets the same MACs budget; each SPM row records where the search alone ended and
+which share of the MACs cut the search and the snap did (`search_macs_fraction`, `cut_shares`, `snap`).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
-import json
-import math
-import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402  (puts the repository root on sys.path too)
-from common import fmt_pm, log, mean_std, write_json  # noqa: E402
+import harness as H  # noqa: E402  (puts the repository root on sys.path too)
+from harness import fmt_pm  # noqa: E402
 
 import torch  # noqa: E402
 
-from regprune import engine as E  # noqa: E402
 from regprune.errors import UserError  # noqa: E402
 from regprune.models import create_model  # noqa: E402
 from regprune.pipeline import JobOptions, RunDir, prune_job, prune_plan, train_job  # noqa: E402
 from regprune.scratch import scratch_dry_run, scratch_job, spm_settings  # noqa: E402
 
-__all__ = ["main", "Settings", "SCALES", "VARIANTS", "LABELS", "COMPARISONS", "summarize", "markdown",
-           "snap_to_budget_terminating"]
+__all__ = ["main", "Settings", "SCALES", "VARIANTS", "LABELS", "COMPARISONS", "summarize", "markdown", "BENCH"]
 
-HERE = Path(__file__).resolve().parent
 DATA = "fashion-mnist"
 FASHION_TRAIN, FASHION_TEST = 60000, 10000
 INPUT_SHAPE = (1, 28, 28)
@@ -73,99 +68,70 @@ COMPARISONS = (("spm", "spm_no_nuc"), ("spm", "l1"), ("spm_no_nuc", "l1"))
 
 # ---------------------------------------------------------------------------------------------- settings
 @dataclass
-class Settings:
-    """Everything that shapes the benchmark (stored verbatim in the JSON)."""
-
-    scale: str
-    model: str
-    target_macs: float          # kept fraction of dense MACs, the same for every variant
-    seeds: int
-    batch_size: int
-    epochs: float               # scratch runs AND the dense base of L1 (the same budget)
-    lr: float
-    lr_schedule: str
-    warmup_epochs: float
-    ft_epochs: float            # L1's fine-tuning after removal (extra epochs, stated in the output)
-    ft_lr: float
-    ft_schedule: str
-    limit_train: int | None     # None: all 60,000 training images
-    limit_test: int | None      # None: all 10,000 test images
+class Settings(H.BaseSettings):
+    model: str = "resnet20"
+    target_macs: float = 0.41   # kept fraction of dense MACs, the same for every variant
+    epochs: float = 2           # scratch runs AND the dense base of L1 (the same budget)
+    lr: float = 0.05
+    lr_schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    ft_epochs: float = 1        # L1's fine-tuning after removal (extra epochs, stated in the output)
+    ft_lr: float = 0.01
+    ft_schedule: str = "cosine"
     search_epochs: float | None = None  # None: `regprune scratch`'s default, floor(epochs * 65 / 90)
     alpha_nuc: float | None = None      # variant spm's nuclear weight; None: the library default
-    device: str = "cpu"
-    amp: bool = False
-    workers: int = 0
+    snap: bool = True           # the library's budget snap at S_max, so every variant meets the same MACs budget
     threads: int = 0            # torch CPU threads; 0: measure 1 vs all and take the faster
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
+    methods: list[str] = field(default_factory=lambda: list(VARIANTS))
 
 
 SCALES: dict[str, Settings] = {
     # seconds of training; most of a smoke run is the jobs' fixed work (data loading, graph tracing, latency)
-    "smoke": Settings(scale="smoke", model="resnet20", target_macs=0.41, seeds=2, batch_size=32, epochs=2,
-                      lr=0.05, lr_schedule="cosine", warmup_epochs=0.0, ft_epochs=1, ft_lr=0.01,
-                      ft_schedule="cosine", limit_train=128, limit_test=64, threads=1),
+    "smoke": Settings(scale="smoke", seeds=2, batch_size=32, epochs=2, lr=0.05, ft_epochs=1, limit_train=128,
+                      limit_test=64, threads=1),
     # sized for ~20 minutes on 2 quiet CPU cores (~250 training img/s): 3 seeds x (2 scratch runs + 1 base) x 10
     # epochs + 3 x 3 fine-tuning epochs = 99 passes over 2,000 images, plus a 1,000-image test pass per epoch.
     # Batch 32 gives the gates ~440 search steps (the library's small-network settings were tuned on ~400).
-    "cpu": Settings(scale="cpu", model="resnet20", target_macs=0.41, seeds=3, batch_size=32, epochs=10,
-                    lr=0.05, lr_schedule="cosine", warmup_epochs=0.0, ft_epochs=3, ft_lr=0.01,
-                    ft_schedule="cosine", limit_train=2000, limit_test=1000),
+    "cpu": Settings(scale="cpu", seeds=3, batch_size=32, epochs=10, lr=0.05, ft_epochs=3, limit_train=2000,
+                    limit_test=1000),
     # the paper's 90-epoch schedule with the gates frozen at epoch 65; L1 fine-tunes for a third of that
-    "gpu": Settings(scale="gpu", model="resnet56", target_macs=0.41, seeds=3, batch_size=128, epochs=90,
-                    lr=0.1, lr_schedule="cosine", warmup_epochs=1.0, ft_epochs=30, ft_lr=0.01,
-                    ft_schedule="cosine", limit_train=None, limit_test=None, device="cuda", amp=True, workers=4),
+    "gpu": Settings(scale="gpu", model="resnet56", seeds=3, batch_size=128, epochs=90, lr=0.1, warmup_epochs=1.0,
+                    ft_epochs=30, limit_train=None, limit_test=None, device="cuda", amp=True, workers=4),
 }
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--target-macs", type=float, help="kept fraction of dense MACs for every variant (default 0.41)")
-    ap.add_argument("--seeds", type=int, help="seeds per variant (>= 3 for a real run)")
     ap.add_argument("--epochs", type=float, help="epochs of each scratch run and of each dense base")
     ap.add_argument("--search-epochs", type=float, help="SPM epochs with gates learning (default: 65/90 of --epochs)")
     ap.add_argument("--ft-epochs", type=float, help="L1's fine-tuning epochs after removal")
     ap.add_argument("--lr", type=float, help="lr of the scratch runs and the dense bases")
     ap.add_argument("--ft-lr", type=float, help="L1's fine-tuning lr")
     ap.add_argument("--alpha-nuc", type=float, help="nuclear-norm weight of variant spm (default: the library's)")
-    ap.add_argument("--limit-train", help="training images (an integer or 'all')")
-    ap.add_argument("--limit-test", help="test images (an integer or 'all')")
-    ap.add_argument("--batch-size", type=int)
-    ap.add_argument("--device", help="cpu, cuda, cuda:N")
+    ap.add_argument("--snap", action=argparse.BooleanOptionalAction, default=None,
+                    help="the library's budget snap at S_max for the SPM variants (default on: every variant at the "
+                         "same MACs; --no-snap shows where the search alone ends)")
     ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--workers", type=int)
-    ap.add_argument("--threads", type=int, help="torch CPU threads (0: measure 1 vs all and take the faster)")
-    ap.add_argument("--out-dir", type=Path, default=HERE / "results")
-    ap.add_argument("--work-dir", type=Path, help="run directories (default benchmarks/work/spm_<scale>)")
-    ap.add_argument("--resume", action="store_true", help="reuse the finished jobs of an interrupted run")
-    ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
-    return ap.parse_args(argv)
 
 
-def make_settings(args: argparse.Namespace) -> Settings:
-    """The scale's settings with the command line's overrides, checked before anything runs."""
-    s = copy.deepcopy(SCALES[args.scale])
-    for name in ("target_macs", "seeds", "epochs", "search_epochs", "ft_epochs", "lr", "ft_lr", "alpha_nuc",
-                 "batch_size", "device", "amp", "workers", "threads"):
-        v = getattr(args, name)
-        if v is not None:
-            setattr(s, name, v)
-    common.apply_limits(s, args)
-    if s.seeds < 1:
-        raise UserError("--seeds must be >= 1")
+def check(s: Settings) -> None:
     if not 0.0 < s.target_macs < 1.0:
         raise UserError(f"--target-macs {s.target_macs:g}: expected a kept fraction in (0, 1)")
     if s.epochs <= 0 or s.ft_epochs < 0:
         raise UserError("--epochs must be > 0 and --ft-epochs >= 0")
     for v in VARIANTS[:2]:
-        spm_settings(1, s.epochs, spm_extra(s, v))  # raises the library's own message for a bad search length
-    return s
+        spm_settings(1, s.epochs + s.ft_epochs, spm_extra(s, v))  # raises the library's own message for a bad search length
+
+
+def jobs(s: Settings) -> list[dict[str, Any]]:
+    check(s)
+    return [{"variant": v, "seed": k} for k in range(s.seeds) for v in s.methods]
 
 
 def spm_extra(s: Settings, variant: str) -> dict[str, Any]:
     """What the variant passes to `scratch_job` beyond `regprune scratch`'s defaults."""
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"exact_budget": s.snap}
     if s.search_epochs is not None:
         extra["search_epochs"] = s.search_epochs
     if variant == "spm_no_nuc":
@@ -188,7 +154,7 @@ def epochs_of(s: Settings, variant: str) -> dict[str, float]:
     """Training epochs each variant gets (over the same training images)."""
     if variant == "l1":
         return {"base": s.epochs, "finetune": s.ft_epochs, "total": s.epochs + s.ft_epochs}
-    return {"scratch": s.epochs, "total": s.epochs}
+    return {"scratch": s.epochs + s.ft_epochs, "total": s.epochs + s.ft_epochs}  # the same total as L1's row
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -197,114 +163,70 @@ def _fresh(model: str) -> torch.nn.Module:
     return create_model(model, num_classes=10, in_channels=INPUT_SHAPE[0])
 
 
-def measure(s: Settings) -> dict[str, Any]:
-    """CPU training/eval throughput of the dense model (for the time estimate; also settles the thread count)."""
-    out: dict[str, Any] = {}
-    if s.threads == 0:
-        n, by = common.choose_threads(lambda: _fresh(s.model), s.batch_size, INPUT_SHAPE)
-        out["threads_measured_img_s"] = {str(k): round(v, 1) for k, v in by.items()}
-        s.threads = n
-    else:
-        torch.set_num_threads(s.threads)
-    out["threads"] = s.threads
-    out["train_img_s"] = common.train_throughput(_fresh(s.model), s.batch_size, INPUT_SHAPE, steps=3)
-    out["gated_train_img_s"] = gated_train_throughput(s, steps=3)
-    out["eval_img_s"] = common.eval_throughput(_fresh(s.model), 256, INPUT_SHAPE)
-    return out
-
-
 def gated_train_throughput(s: Settings, steps: int = 3) -> float:
     """Images per second of SGD steps on the gated model with both SPM losses (the search's step), random data."""
-    import torch.nn.functional as F
-
     from regprune.methods.spm import SPMRegularizer
 
     model = _fresh(s.model)
     reg = SPMRegularizer.attach(model, torch.zeros(1, *INPUT_SHAPE), s.target_macs,
                                 **{k: v for k, v in spm_settings(int(1e6), s.epochs, {}).items()
                                    if k in ("alpha_nuc", "alpha_mac", "mac_norm")})
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(s.batch_size, *INPUT_SHAPE, generator=g)
-    y = torch.randint(0, 10, (s.batch_size,), generator=g)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        (F.cross_entropy(model(x), y) + reg.extra_loss()).backward()
-        opt.step()
-        reg.on_step_end()
-
-    step()  # warm-up
-    clock = common.Stopwatch()
-    for _ in range(steps):
-        step()
-    return s.batch_size * steps / max(clock(), 1e-9)
-
-
-def estimate_s(s: Settings, n_train: int, n_test: int, tp: dict[str, Any]) -> float:
-    """Seconds the run should take at the measured dense throughput (the pruned fine-tuning counted as dense:
-    an upper bound), with ~15 s of fixed work per job (data, graph tracing, latency probes, plots)."""
-    train = (2 * s.epochs * n_train / tp["gated_train_img_s"]  # the two scratch runs (gated, SPM losses)
-             + (s.epochs + s.ft_epochs) * n_train / tp["train_img_s"])  # dense base; pruned fine-tuning as dense
-    evals = (3 * s.epochs + s.ft_epochs + 8) * n_test / tp["eval_img_s"]  # a test pass per epoch, + a few per job
-    return (train + evals + 4 * 15.0) * s.seeds
+    return H.train_throughput(model, s.batch_size, INPUT_SHAPE, steps=steps, extra_loss=reg.extra_loss,
+                                     on_step_end=reg.on_step_end)
 
 
 def l1_plan(s: Settings) -> dict[str, Any]:
     """The ratios regprune's solver picks for L1 at the MACs target (no data needed)."""
-    o = job_options(s, 0, method="l1")
-    _, plan = prune_plan(o, _fresh(s.model), torch.zeros(1, *INPUT_SHAPE))
+    _, plan = prune_plan(job_options(s, 0, method="l1"), _fresh(s.model), torch.zeros(1, *INPUT_SHAPE))
     return {"ratios": plan.ratios, "removal": plan.removal, "macs_fraction": plan.pruned_macs / plan.dense_macs}
 
 
-def print_plan(s: Settings, plan: dict[str, Any], dry_run: bool = False) -> None:
-    log(f"spm_ablation plan ({s.scale} scale)")
-    for k, v in dataclasses.asdict(s).items():
-        print(f"    {k:14s} {v}")
+def estimate(s: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    """The plan (L1's ratios, each SPM variant's scratch settings) and, on CPU, a time estimate from measured
+    throughput (the pruned fine-tuning counted as dense: an upper bound; ~15 s of fixed work per job)."""
+    plan: dict[str, Any] = {"l1_plan": l1_plan(s)}
     for v in VARIANTS:
-        ep = epochs_of(s, v)
-        print(f"  {v}: {LABELS[v]}; training epochs {ep}")
+        print(f"  {v}: {LABELS[v]}; training epochs {epochs_of(s, v)}")
     for v in VARIANTS[:2]:
-        if dry_run:
+        if args.dry_run:
             print(f"  --- {v}: what `regprune scratch` will do (its --dry-run) ---")
             scratch_dry_run(job_options(s, 0), spm_extra(s, v))
         else:
-            print(f"  {v}: scratch settings {spm_settings(int(1e6), s.epochs, spm_extra(s, v))}")
+            print(f"  {v}: scratch settings {spm_settings(int(1e6), s.epochs + s.ft_epochs, spm_extra(s, v))}")
     lp = plan["l1_plan"]
     print(f"  --- l1: ratios for {100 * s.target_macs:.1f}% of dense MACs (plan reaches "
-          f"{100 * lp['macs_fraction']:.2f}%): {lp['ratios']}")
-    if "throughput" in plan:
-        tp = plan["throughput"]
-        print(f"  measured: {tp['threads']} torch thread(s) {tp.get('threads_measured_img_s', '')}; dense train "
-              f"{tp['train_img_s']:.0f} img/s, gated search {tp['gated_train_img_s']:.0f} img/s, eval "
-              f"{tp['eval_img_s']:.0f} img/s; load average "
-              f"{plan.get('loadavg')}")
-        print(f"  estimate at that throughput: {plan['estimate_s'] / 60:.1f} min")
-    n_jobs = s.seeds * 4
-    print(f"  jobs: {s.seeds} seeds x (spm, spm_no_nuc, dense base, l1) = {n_jobs}", flush=True)
+          f"{100 * lp['macs_fraction']:.2f}%): {lp['ratios']}", flush=True)
+    if str(s.device).startswith("cpu"):
+        tp = H.throughput(lambda: _fresh(s.model), s.batch_size, INPUT_SHAPE)
+        tp["gated_train_img_s"] = gated_train_throughput(s)
+        n_train, n_test = s.limit_train or FASHION_TRAIN, s.limit_test or FASHION_TEST
+        train = (2 * (s.epochs + s.ft_epochs) * n_train / tp["gated_train_img_s"]  # the two scratch runs
+                 + (s.epochs + s.ft_epochs) * n_train / tp["train_img_s"])  # dense base; pruned fine-tuning as dense
+        evals = (3 * s.epochs + 3 * s.ft_epochs + 8) * n_test / tp["eval_img_s"]  # a test pass per epoch, + a few
+        plan.update(throughput=tp, estimate_s=(train + evals + 4 * 15.0) * s.seeds / max(1, min(args.jobs, 3)))
+        plan["summary"] = (f"estimated {plan['estimate_s'] / 60:.1f} min at {tp['train_img_s']:.0f} dense / "
+                           f"{tp['gated_train_img_s']:.0f} gated train img/s")
+    return plan
 
 
 # ---------------------------------------------------------------------------------------------- running
-def _curve(run_path: Path, phase: str) -> list[dict[str, float]]:
-    recs = E.read_metrics(run_path / E.METRICS_FILE) if (run_path / E.METRICS_FILE).exists() else []
-    return [{"epoch": r["epoch"], "test_top1": r["test_top1"]}
-            for r in recs if r.get("kind") == "epoch" and r.get("phase") == phase and "test_top1" in r]
+def prepare(s: Settings, work: Path) -> dict[str, Any]:
+    return {"work": work}
+
+
+def run_one(s: Settings, ctx: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+    """One variant at one seed in <work>/seed<k>/<variant>; the l1 job first trains its dense base (returned in
+    the row's `dense`, reported as a row of its own)."""
+    v, seed, path = job["variant"], job["seed"], ctx["work"] / f"seed{job['seed']}"
+    if v == "l1":
+        dense = run_dense(s, seed, path / "dense")
+        return {**run_l1(s, seed, Path(dense["model_file"]), path / "l1"), "dense": dense}
+    return run_spm(s, v, seed, path / v)
 
 
 def _spm_trajectory(run_path: Path) -> list[dict[str, Any]]:
-    recs = E.read_metrics(run_path / E.METRICS_FILE) if (run_path / E.METRICS_FILE).exists() else []
     return [{"epoch": r["epoch"], "macs_fraction": r["macs_fraction"], "frozen": r.get("frozen"),
-             "kept": r.get("kept")} for r in recs if r.get("kind") == "spm"]
-
-
-def plateau(curve: list[dict[str, float]], tail: int = 3, tol: float = 0.3) -> dict[str, Any]:
-    """Had test accuracy stopped rising? Best of the last `tail` epochs against the best before them."""
-    accs = [c["test_top1"] for c in curve]
-    if len(accs) <= tail:
-        return {"plateaued": False, "gain_last_epochs": None, "tail_epochs": tail, "tolerance": tol}
-    gain = max(accs[-tail:]) - max(accs[:-tail])
-    return {"plateaued": gain <= tol, "gain_last_epochs": round(gain, 3), "tail_epochs": tail, "tolerance": tol}
+             "kept": r.get("kept")} for r in H.metrics(run_path) if r.get("kind") == "spm"]
 
 
 def spm_groups(s: Settings) -> dict[str, dict[str, Any]]:
@@ -315,190 +237,82 @@ def spm_groups(s: Settings) -> dict[str, dict[str, Any]]:
     return {r: {"channels": gates.groups[r].channels, "shared": bool(gates.groups[r].coupled)} for r in gates.roots}
 
 
-def _cached(path: Path, resume: bool) -> dict[str, Any] | None:
-    f = path / "row.json"
-    if resume and f.is_file():
-        return json.loads(f.read_text())
-    return None
+def _sizes(dense_row: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    return {"top1": float(row["top1"]), "top5": row.get("top5"), "params_M": row["params_M"], "MMACs": row["MMACs"],
+            "dense_params_M": dense_row["params_M"], "dense_MMACs": dense_row["MMACs"]}
 
 
-# ---------------------------------------------------------------------------------------------- workaround
-SNAP_WORKAROUND = (
-    "regprune.scratch.snap_to_budget is replaced, for these runs only, by a copy that flips each channel at most "
-    "once and undoes a flip that jumps over the whole tolerance window. The library's loop toggles the same gate "
-    "on and off until its 100,000-iteration cap when the gate nearest the threshold moves MACs by more than the "
-    "window (2 x 1% of the target; one stage-1 residual-stream channel of ResNet-20 is ~2.4% of dense MACs), "
-    "each iteration an exact MACs count: a stall of many minutes at S_max. The channel choice (nearest the "
-    "threshold first) and the 1% tolerance are the library's.")
-
-
-def snap_to_budget_terminating(reg: Any, tol: float = 0.01) -> tuple[float, float]:
-    """`regprune.scratch.snap_to_budget`'s rule (flip the gate nearest the threshold toward the budget until MACs
-    are within `tol` of it), made to terminate: a channel is flipped at most once, and a flip that jumps from one
-    side of the window to the other is undone. Returns the MACs fraction before and after, like the original."""
-    dense, target = reg.dense_macs, reg.target_macs
-    before = frac = reg.current_macs() / dense
-    gates = {r: reg.gates.gate(r) for r in reg.gates.roots}
-    thr = {r: getattr(g, "threshold", 0.5) for r, g in gates.items()}
-    used: dict[str, set[int]] = {r: set() for r in gates}
-    stats = {"flips": 0, "undone": 0}
-    while abs(frac - target) > tol * target:
-        turn_off = frac > target
-        best = None
-        for r, g in gates.items():
-            w = g.weight.detach()
-            on = g.hard().to(w.device).bool()
-            if w.numel() != on.numel():  # block-periodic gates: left to the search, as the library does
-                continue
-            if turn_off and int(on.sum()) <= max(1, getattr(g, "min_on", 1)):
-                continue
-            cand = (on if turn_off else ~on).clone()
-            for i in used[r]:
-                cand[i] = False
-            if not bool(cand.any()):
-                continue
-            dist = (w - thr[r]).abs().masked_fill(~cand, float("inf"))
-            i = int(dist.argmin())
-            if best is None or float(dist[i]) < best[0]:
-                best = (float(dist[i]), r, i)
-        if best is None:
-            break
-        _, r, i = best
-        used[r].add(i)
-        with torch.no_grad():
-            old = float(gates[r].weight[i])
-            gates[r].weight[i] = thr[r] - 0.01 if turn_off else thr[r] + 0.01
-        new = reg.current_macs() / dense
-        if (new - target) * (frac - target) < 0 and abs(new - target) > tol * target:
-            with torch.no_grad():
-                gates[r].weight[i] = old
-            stats["undone"] += 1
-            continue
-        stats["flips"] += 1
-        frac = new
-    snap_to_budget_terminating.last = {**stats, "before": before, "after": frac}
-    return before, frac
-
-
-snap_to_budget_terminating.last = {}
-
-
-def run_spm(s: Settings, variant: str, seed: int, path: Path, resume: bool) -> dict[str, Any]:
-    if (row := _cached(path, resume)) is not None:
-        return row
-    import regprune.scratch as scratch_mod
-
-    clock = common.Stopwatch()
-    o = job_options(s, seed, out=str(path))
-    original = scratch_mod.snap_to_budget
-    scratch_mod.snap_to_budget = snap_to_budget_terminating  # _Monitor.freeze looks it up at call time
-    snap_to_budget_terminating.last = {}
-    try:
-        rep = scratch_job(o, RunDir(path, overwrite=True), spm_extra(s, variant))["report"]
-    finally:
-        scratch_mod.snap_to_budget = original
-    dense_row, pruned_row = rep["rows"]
+def run_spm(s: Settings, variant: str, seed: int, path: Path) -> dict[str, Any]:
+    o = job_options(s, seed, out=str(path), epochs=epochs_of(s, variant)["total"])
+    rep = scratch_job(o, RunDir(path, overwrite=True), spm_extra(s, variant))["report"]
     traj = _spm_trajectory(path)
-    row = {"variant": variant, "seed": seed, "top1": float(pruned_row["top1"]),
-           "top5": pruned_row.get("top5"), "macs_fraction": float(rep["macs_fraction"]),
-           "params_M": pruned_row["params_M"], "MMACs": pruned_row["MMACs"],
-           "dense_params_M": dense_row["params_M"], "dense_MMACs": dense_row["MMACs"],
-           "gated_top1": rep["gated"]["top1"], "search_macs_fraction": rep["search_macs_fraction"],
-           "reconfig_max_abs_diff": rep["reconfig_max_abs_diff"], "spm_settings": rep["settings"],
-           "snap": dict(snap_to_budget_terminating.last),
-           "kept_widths": traj[-1]["kept"] if traj else None, "macs_trajectory": [
-               {k: t[k] for k in ("epoch", "macs_fraction", "frozen")} for t in traj],
-           "latency_speedup_b1": rep["latency_speedup_b1"], "epochs": epochs_of(s, variant),
-           "curve": _curve(path, "scratch"), "wall_s": round(clock(), 1), "run_dir": str(path)}
-    write_json(path / "row.json", row)
-    return row
+    return {**_sizes(*rep["rows"]), "macs_fraction": float(rep["macs_fraction"]),
+            "gated_top1": rep["gated"]["top1"], "search_macs_fraction": rep["search_macs_fraction"],
+            "reconfig_max_abs_diff": rep["reconfig_max_abs_diff"], "spm_settings": rep["settings"],
+            "snap": rep.get("snap"), "cut_shares": rep.get("cut_shares"),
+            "kept_widths": traj[-1]["kept"] if traj else None,
+            "macs_trajectory": [{k: t[k] for k in ("epoch", "macs_fraction", "frozen")} for t in traj],
+            "latency_speedup_b1": rep["latency_speedup_b1"], "epochs": epochs_of(s, variant),
+            "curve": H.epoch_curve(path, "scratch"), "run_dir": str(path)}
 
 
-def run_dense(s: Settings, seed: int, path: Path, resume: bool) -> dict[str, Any]:
-    if (row := _cached(path, resume)) is not None and (path / "model.safetensors").is_file():
-        return row
-    clock = common.Stopwatch()
-    out = train_job(job_options(s, seed, out=str(path)), RunDir(path, overwrite=True))
-    r = out["row"]
-    row = {"variant": "dense", "seed": seed, "top1": float(r["top1"]), "top5": r.get("top5"), "macs_fraction": 1.0,
-           "params_M": r["params_M"], "MMACs": r["MMACs"], "dense_params_M": r["params_M"], "dense_MMACs": r["MMACs"],
-           "epochs": {"train": s.epochs, "total": s.epochs}, "curve": _curve(path, "train"),
-           "plateau": plateau(_curve(path, "train")),
-           "wall_s": round(clock(), 1), "run_dir": str(path), "model_file": str(path / "model.safetensors")}
-    write_json(path / "row.json", row)
-    return row
+def run_dense(s: Settings, seed: int, path: Path) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    r = train_job(job_options(s, seed, out=str(path)), RunDir(path, overwrite=True))["row"]
+    curve = H.epoch_curve(path, "train")
+    return {"variant": "dense", "seed": seed, **_sizes(r, r), "macs_fraction": 1.0,
+            "epochs": {"train": s.epochs, "total": s.epochs}, "curve": curve, "plateau": H.plateau(curve),
+            "wall_s": round(time.perf_counter() - t0, 1), "run_dir": str(path),
+            "model_file": str(path / "model.safetensors")}
 
 
-def run_l1(s: Settings, seed: int, base_file: Path, path: Path, resume: bool) -> dict[str, Any]:
-    if (row := _cached(path, resume)) is not None:
-        return row
-    clock = common.Stopwatch()
+def run_l1(s: Settings, seed: int, base_file: Path, path: Path) -> dict[str, Any]:
     o = job_options(s, seed, out=str(path), method="l1", base=str(base_file), ft_epochs=s.ft_epochs,
                     ft_lr=s.ft_lr, ft_lr_schedule=s.ft_schedule)
     rep = prune_job(o, RunDir(path, overwrite=True))["report"]
     dense_row, pruned_row = rep["rows"]
     plan = rep.get("plan") or {}
-    row = {"variant": "l1", "seed": seed, "top1": float(pruned_row["top1"]), "top5": pruned_row.get("top5"),
-           "macs_fraction": 1.0 / float(rep["macs_speedup"]), "params_M": pruned_row["params_M"],
-           "MMACs": pruned_row["MMACs"], "dense_params_M": dense_row["params_M"], "dense_MMACs": dense_row["MMACs"],
-           "base_top1": dense_row["top1"], "before_ft_top1": (rep.get("pruned_before_finetune") or {}).get("top1"),
-           "best_top1": rep.get("best_top1"), "ratios": plan.get("ratios"),
-           "plan_macs_fraction": plan["pruned_macs"] / plan["dense_macs"] if plan.get("dense_macs") else None,
-           "latency_speedup_b1": rep["latency_speedup_b1"], "epochs": epochs_of(s, "l1"),
-           "curve": _curve(path, "finetune"), "wall_s": round(clock(), 1), "run_dir": str(path)}
-    write_json(path / "row.json", row)
-    return row
+    return {**_sizes(dense_row, pruned_row), "macs_fraction": 1.0 / float(rep["macs_speedup"]),
+            "base_top1": dense_row["top1"], "before_ft_top1": (rep.get("pruned_before_finetune") or {}).get("top1"),
+            "best_top1": rep.get("best_top1"), "ratios": plan.get("ratios"),
+            "plan_macs_fraction": plan["pruned_macs"] / plan["dense_macs"] if plan.get("dense_macs") else None,
+            "latency_speedup_b1": rep["latency_speedup_b1"], "epochs": epochs_of(s, "l1"),
+            "curve": H.epoch_curve(path, "finetune"), "run_dir": str(path)}
+
+
+def expand(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The job rows with each l1 job's dense base as a row of its own (the l1 row's wall time without it)."""
+    out = []
+    for r in rows:
+        if "dense" in r:
+            r = dict(r)
+            dense = r.pop("dense")
+            r["wall_s"] = round(r["wall_s"] - dense["wall_s"], 1)
+            out.append(dense)
+        out.append(r)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- summary
 def summarize(rows: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
     """Per-variant mean/std over seeds, and pairwise comparisons against the seed spread."""
-    groups: list[dict] = []
-    for v in (*VARIANTS, "dense"):
-        rs = sorted((r for r in rows if r["variant"] == v), key=lambda r: r["seed"])
-        if not rs:
-            continue
-        m, sd = mean_std([r["top1"] for r in rs])
-        mm, msd = mean_std([r["macs_fraction"] for r in rs])
-        pm, psd = mean_std([r["params_M"] for r in rs])
-        g = {"variant": v, "label": LABELS[v], "n_seeds": len(rs), "seeds": [r["seed"] for r in rs],
-             "top1_mean": m, "top1_std": sd, "top1_values": [r["top1"] for r in rs],
-             "macs_fraction_mean": mm, "macs_fraction_std": msd, "macs_fraction_values": [r["macs_fraction"] for r in rs],
-             "params_M_mean": pm, "params_M_std": psd, "dense_params_M": rs[0]["dense_params_M"],
-             "epochs_total": rs[0]["epochs"]["total"], "epochs": rs[0]["epochs"]}
-        if v.startswith("spm"):
-            g["search_macs_fraction_mean"] = mean_std([r["search_macs_fraction"] for r in rs
-                                                       if r["search_macs_fraction"] is not None] or [float("nan")])[0]
-            g["search_macs_fraction_values"] = [r["search_macs_fraction"] for r in rs]
-            g["gated_top1_mean"] = mean_std([r["gated_top1"] for r in rs])[0]
+    order = (*VARIANTS, "dense")
+    groups = H.summarize(rows, ("variant",), ("top1", "macs_fraction", "params_M", "search_macs_fraction",
+                                              "gated_top1", "before_ft_top1"), order=lambda k: order.index(k[0]))
+    for g in groups:
+        rs = [r for r in rows if r["variant"] == g["variant"]]
+        g.update(label=LABELS[g["variant"]], dense_params_M=rs[0]["dense_params_M"],
+                 epochs_total=rs[0]["epochs"]["total"], epochs=rs[0]["epochs"])
+        if g["variant"].startswith("spm"):
             g["reconfig_max_abs_diff_max"] = max(r["reconfig_max_abs_diff"] for r in rs)
-        if v == "l1":
-            g["before_ft_top1_mean"] = mean_std([r["before_ft_top1"] for r in rs])[0]
-        groups.append(g)
+        for k in [k for k in g if g[k] is None or g[k] == []]:  # metrics this variant does not have
+            del g[k]
+    comps = H.compare(groups, rows, (), "top1", pairs=COMPARISONS, label="variant")
     by = {g["variant"]: g for g in groups}
-    comps: list[dict] = []
-    for a, b in COMPARISONS:
-        if a not in by or b not in by:
-            continue
-        ga, gb = by[a], by[b]
-        delta = ga["top1_mean"] - gb["top1_mean"]
-        spread = ga["top1_std"] + gb["top1_std"]
-        va = {r["seed"]: r["top1"] for r in rows if r["variant"] == a}
-        vb = {r["seed"]: r["top1"] for r in rows if r["variant"] == b}
-        paired = [round(va[k] - vb[k], 2) for k in sorted(va) if k in vb]
-        comps.append({"a": a, "b": b, "delta_mean": delta, "spread": spread,
-                      "exceeds_spread": bool(abs(delta) > spread and ga["n_seeds"] > 1 and gb["n_seeds"] > 1),
-                      "paired_deltas": paired,
-                      "paired_same_sign": bool(paired) and (all(d > 0 for d in paired) or all(d < 0 for d in paired)),
-                      "macs_fraction_gap": ga["macs_fraction_mean"] - gb["macs_fraction_mean"]})
+    for c in comps:
+        c.update(delta_mean=c["diff"], paired_deltas=c["paired_diffs"],
+                 macs_fraction_gap=by[c["a"]]["macs_fraction_mean"] - by[c["b"]]["macs_fraction_mean"])
     return groups, comps
-
-
-def verdict(c: dict[str, Any]) -> str:
-    sign = "higher" if c["delta_mean"] > 0 else "lower"
-    if c["exceeds_spread"]:
-        return f"yes: {c['a']} is {sign} by more than the seed spread"
-    return "no: inside the seed spread"
 
 
 def _epochs_text(g: dict[str, Any]) -> str:
@@ -511,7 +325,7 @@ def _epochs_text(g: dict[str, Any]) -> str:
 def _notes_cell(g: dict[str, Any]) -> str:
     if g["variant"].startswith("spm"):
         ends = ", ".join("?" if x is None else f"{x:.3f}" for x in g.get("search_macs_fraction_values", []))
-        return (f"the search itself ended at {ends} of dense MACs (per seed) before the S_max snap; "
+        return (f"the search itself ended at {ends} of dense MACs (per seed) before any S_max snap; "
                 f"reconfiguration max abs diff {g['reconfig_max_abs_diff_max']:.1e}")
     if g["variant"] == "l1":
         return f"top-1 right after removal, before fine-tuning: {g['before_ft_top1_mean']:.2f} (mean)"
@@ -519,26 +333,23 @@ def _notes_cell(g: dict[str, Any]) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    s = result["settings"]
-    first = result.get("first_invocation") or {}
-    hw = first.get("hardware") or result["hardware"]  # a --resume reports the machine the jobs first ran on
-    d = result["data"]
-    spm_s = result.get("spm_settings", {})
-    lines = [f"# SPM ablation: pruning from scratch with / without the nuclear-norm loss, vs L1: {s['scale']} scale", ""]
+    s, d = result["settings"], result["data"]
+    a = result.get("spm_settings", {}).get("spm", {})
+    first = result.get("first_invocation") or {}  # results written before the harness, by a --resume run
+    head = {**result, **{k: first[k] for k in ("hardware", "wall_time_s") if first.get(k)}}
+    lines = H.header_lines(head, "SPM ablation: pruning from scratch with / without the nuclear-norm loss, vs L1")
     data = (f"Fashion-MNIST, {d['train_images']} training / {d['test_images']} test images"
             + (" (deterministic class-balanced subsets)" if d["subset"] else ""))
-    a = spm_s.get("spm", {})
     lines += [
         f"- Model: {s['model']} (1-channel input); data: {data}.",
         f"- Target: keep **{100 * s['target_macs']:.1f}% of dense MACs** ({1 / s['target_macs']:.2f}x fewer) for every "
         "variant; the MACs column is what the pruned model actually has (Conv2d + Linear MACs).",
-        f"- Training budgets, in epochs over the same training images: SPM variants {s['epochs']:g} from random init "
-        f"(gates learning for {a.get('search_epochs', '?'):g}, then frozen; lr {s['lr']:g} {s['lr_schedule']}, "
-        f"warm-up {s['warmup_epochs']:g}); L1: a dense base trained {s['epochs']:g} epochs with the same settings "
-        f"and init, pruned to the target, then fine-tuned {s['ft_epochs']:g} epochs (lr {s['ft_lr']:g} "
-        f"{s['ft_schedule']}): **{s['epochs'] + s['ft_epochs']:g} epochs in total**, "
-        f"{s['ft_epochs']:g} more than the scratch runs. Batch {s['batch_size']}, momentum {s['momentum']:g}, "
-        f"weight decay {s['weight_decay']:g} everywhere.",
+        f"- Training budgets, in epochs over the same training images: L1 trains a dense base {s['epochs']:g} epochs "
+        f"(lr {s['lr']:g} {s['lr_schedule']}, warm-up {s['warmup_epochs']:g}), prunes it to the target and fine-tunes "
+        f"{s['ft_epochs']:g} epochs (lr {s['ft_lr']:g} {s['ft_schedule']}); the SPM variants train "
+        f"{s['epochs'] + s['ft_epochs']:g} epochs from the same init with the same settings (gates learning for "
+        f"{a.get('search_epochs', '?'):g}, then frozen): **{s['epochs'] + s['ft_epochs']:g} epochs in total** for "
+        f"every row. Batch {s['batch_size']}, momentum {s['momentum']:g}, weight decay {s['weight_decay']:g} everywhere.",
         f"- SPM losses: spm alpha_nuc {a.get('alpha_nuc', '?'):g}, alpha_mac {a.get('alpha_mac', '?'):g} "
         f"({a.get('mac_norm', '?')} scale), gate lr x{a.get('gate_lr_scale', '?'):g}; spm_no_nuc identical with "
         "alpha_nuc 0. At S_max the gates nearest the threshold are moved until MACs are within 1% of the budget "
@@ -547,22 +358,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result.get('l1_plan', {}).get('ratios')}.",
         f"- Seeds: {s['seeds']}; seed k fixes the initial weights and data order of all variants (the L1 base and "
         "both SPM runs start from the same weights), so the per-seed differences below are paired. Top-1 is the "
-        "final model's accuracy on the test images (no selection on the test set).",
-        f"- Hardware: {hw.get('processor')} ({hw.get('cpus_usable')} usable cores, {hw.get('torch_threads')} torch "
-        f"threads), torch {hw.get('torch')}, device {hw.get('device')}"
-        + (f", GPU {hw['gpu']}" if hw.get("gpu") else "")
-        + f"; load average at start {hw.get('loadavg_1_5_15')}"
-        + (f" (first invocation, {first['started']})" if first.get("started") else "")
-        + f". Wall time {result['wall_time_s'] / 60:.1f} min"
-        + (f" (this invocation reused finished jobs with --resume; the {len(result['results'])} jobs took "
-           f"{result['jobs_wall_s'] / 60:.1f} min when they ran"
-           + (f", the first invocation {first['wall_time_s'] / 60:.1f} min in all" if first.get("wall_time_s") else "")
-           + ")" if result.get("resumed") else "") + ".",
-        "",
-        "| variant | training epochs | MACs fraction (mean ± std) | params M (dense " + f"{result['summary'][0]['dense_params_M']:.4f})"
-        + " | top-1 % (mean ± std) | per seed | notes |",
-        "|---|---|---|---|---|---|---|",
-    ]
+        "final model's accuracy on the test images (no selection on the test set).", "",
+        "| variant | training epochs | MACs fraction (mean ± std) | params M (dense "
+        + f"{result['summary'][0]['dense_params_M']:.4f}) | top-1 % (mean ± std) | per seed | notes |",
+        "|---|---|---|---|---|---|---|"]
     for g in result["summary"]:
         lines.append(
             f"| {g['variant']}: {g['label']} | {_epochs_text(g)} | "
@@ -571,11 +370,10 @@ def markdown(result: dict[str, Any]) -> str:
             f"{_notes_cell(g)} |")
     lines += ["", "Differences (mean of a − mean of b, in top-1 points; spread = std a + std b; "
               "'exceeds' means the ±1 std intervals do not overlap; with so few seeds a rough screen, not a test):", "",
-              "| a vs b | Δ mean | spread | Δ per seed (paired) | exceeds the seed spread? |",
-              "|---|---|---|---|---|"]
+              "| a vs b | Δ mean | spread | Δ per seed (paired) | exceeds the seed spread? |", "|---|---|---|---|---|"]
     for c in result["comparisons"]:
         lines.append(f"| {c['a']} vs {c['b']} | {c['delta_mean']:+.2f} | {c['spread']:.2f} | "
-                     f"{', '.join(f'{x:+.2f}' for x in c['paired_deltas'])} | {verdict(c)} |")
+                     f"{', '.join(f'{x:+.2f}' for x in c['paired_deltas'])} | {H.verdict(c)} |")
     groups = result.get("spm_groups") or {}
     spm_rows = [r for r in result["results"] if r["variant"].startswith("spm") and r.get("kept_widths")]
     if groups and spm_rows:
@@ -604,8 +402,7 @@ def accuracy_plot(path: Path, rows: list[dict[str, Any]], groups: list[dict[str,
     colors = {"spm": "#1f77b4", "spm_no_nuc": "#ff7f0e", "l1": "#2ca02c", "dense": "#7f7f7f"}
     markers = {"spm": "o", "spm_no_nuc": "s", "l1": "^", "dense": "D"}
     for ax, zoom in zip(axes, (False, True)):
-        shown = [g for g in groups if not (zoom and g["variant"] == "dense")]
-        for g in shown:
+        for g in (g for g in groups if not (zoom and g["variant"] == "dense")):
             v = g["variant"]
             pts = [(r["macs_fraction"], r["top1"]) for r in rows if r["variant"] == v]
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=colors[v], marker=markers[v], alpha=0.35, s=20)
@@ -632,148 +429,90 @@ def accuracy_plot(path: Path, rows: list[dict[str, Any]], groups: list[dict[str,
 
 
 def make_notes(groups: list[dict], comps: list[dict], s: Settings, rows: list[dict]) -> list[str]:
+    """Comparisons in words, where the searches ended, the dense bases' plateau, gated groups cut to (almost)
+    nothing, and the share of each SPM variant's MACs cut done by the search and by the library's snap."""
     by = {g["variant"]: g for g in groups}
-    notes = []
-    for c in comps:
-        notes.append(f"{c['a']} vs {c['b']}: Δ {c['delta_mean']:+.2f} points, spread {c['spread']:.2f}: {verdict(c)}"
-                     + ("; same sign on every seed" if c["paired_same_sign"] else "; the sign differs between seeds"))
+    notes = [f"{c['a']} vs {c['b']}: Δ {c['delta_mean']:+.2f} points, spread {c['spread']:.2f}: "
+             f"{H.verdict(c)}"
+             + ("; same sign on every seed" if c["paired_same_sign"] else "; the sign differs between seeds")
+             for c in comps]
     for v in ("spm", "spm_no_nuc"):
-        g = by.get(v)
-        if g and math.isfinite(g["search_macs_fraction_mean"]) and \
-                abs(g["search_macs_fraction_mean"] - s.target_macs) > 0.02:
-            notes.append(f"{v}: the search alone ended at {g['search_macs_fraction_mean']:.3f} of dense MACs on "
-                         f"average (target {s.target_macs:g}); the budget snap at S_max moved the least decided gates "
-                         "the rest of the way.")
-    plats = [plateau(r["curve"]) for r in rows if r["variant"] == "dense"]
+        m = by.get(v, {}).get("search_macs_fraction_mean")
+        if m is not None and abs(m - s.target_macs) > 0.02:
+            notes.append(f"{v}: the search alone ended at {m:.3f} of dense MACs on average (target {s.target_macs:g}); "
+                         + ("the library's budget snap at S_max moved gates by weight magnitude the rest of the way."
+                            if s.snap else "no snap: the variant ends where the search left it."))
+    plats = [r["plateau"] for r in rows if r["variant"] == "dense"]
     if plats:
         flat = sum(bool(p["plateaued"]) for p in plats)
-        gains = ", ".join(f"{p['gain_last_epochs']:+.1f}" if p["gain_last_epochs"] is not None else "n/a"
-                          for p in plats)
+        gains = ", ".join("n/a" if p["gain_last_epochs"] is None else f"{p['gain_last_epochs']:+.1f}" for p in plats)
         notes.append(f"Dense bases: test accuracy had plateaued (best of the last 3 epochs within 0.3 points of the "
                      f"best before them) on {flat} of {len(plats)} seeds (gains over the last 3 epochs: {gains}); "
                      + ("longer training would raise every variant, and may change the gaps." if flat < len(plats)
                         else "the schedule is long enough for the dense model."))
     if "l1" in by and "dense" in by:
-        notes.append(f"L1 trains {s.ft_epochs:g} epochs more than the scratch runs in total "
-                     f"({by['l1']['epochs_total']:g} vs {s.epochs:g}); its dense bases reach "
-                     f"{fmt_pm(by['dense']['top1_mean'], by['dense']['top1_std'])}.")
+        notes.append(f"Every row trains {by['l1']['epochs_total']:g} epochs in total: L1 {s.epochs:g} (dense base) + "
+                     f"{s.ft_epochs:g} (fine-tuning), the scratch runs {s.epochs + s.ft_epochs:g}; L1's dense bases "
+                     f"reach {fmt_pm(by['dense']['top1_mean'], by['dense']['top1_std'])}.")
     if s.scale != "gpu":
         notes.append("Small-scale caveat: a subset of Fashion-MNIST and a short schedule (the paper searches for 65 of "
                      "90 ImageNet epochs); differences of a point or less need more seeds or the gpu scale.")
-    return notes
-
-
-def collapse_notes(rows: list[dict[str, Any]], groups: dict[str, dict[str, Any]]) -> list[str]:
-    """Gated groups the SPM runs cut to (almost) nothing: a search that removed a whole residual stream."""
     runs = [r for r in rows if r["variant"].startswith("spm") and r.get("kept_widths")]
-    notes = []
-    for root, g in groups.items():
+    for root, g in spm_groups(s).items():
         low = [r for r in runs if r["kept_widths"].get(root, g["channels"]) <= max(1, g["channels"] // 16)]
         if low:
             notes.append(f"{'Residual-stream' if g['shared'] else 'Private'} group `{root}` ({g['channels']} channels) "
                          f"was cut to {', '.join(str(r['kept_widths'][root]) for r in low)} channel(s) in {len(low)} of "
-                         f"{len(runs)} SPM runs (the gates of a group start tied at 0.6 and get the same MACs gradient, "
-                         "so they cross the threshold together; the per-epoch widths are in each run's metrics.jsonl).")
+                         f"{len(runs)} SPM runs (the per-epoch widths are in each run's metrics.jsonl).")
+    for v in ("spm", "spm_no_nuc"):
+        got = [r for r in rows if r["variant"] == v and r.get("cut_shares")]
+        if got:
+            snapped = [r for r in got if r.get("snap")]
+            notes.append(f"{v}: share of the MACs cut done by the search itself, per seed: "
+                         + ", ".join(f"{100 * r['cut_shares']['search']:.0f}%" for r in got)
+                         + (f"; the rest by the library's budget snap (`regprune.scratch.snap_to_budget`, channels "
+                            f"moved by weight magnitude, {sum(int(r['snap']['flips']) for r in snapped)} moves in all)."
+                            if snapped else " (no snap)."))
     return notes
 
 
-def workaround_note(rows: list[dict[str, Any]]) -> str:
-    snaps = [r.get("snap") or {} for r in rows if r["variant"].startswith("spm")]
-    undone = sum(int(x.get("undone", 0)) for x in snaps)
-    return ("Library workaround: the S_max budget snap ran through a terminating copy of "
-            "`regprune.scratch.snap_to_budget` (the library's loop can toggle one gate until its 100,000-iteration "
-            f"cap); {undone} flip(s) that would have jumped over the tolerance window were undone in these runs "
-            "(see `workarounds` and each run's `snap` in the JSON).")
-
-
 # ---------------------------------------------------------------------------------------------- main
+BENCH = H.Bench(name="spm_ablation", doc=__doc__, settings_cls=Settings, scales=SCALES, methods=VARIANTS,
+                script=Path(__file__).resolve(), job_keys=("variant", "seed"), jobs=jobs, prepare=prepare,
+                run_one=run_one, add_args=add_args, default_scale="cpu",
+                overrides=("target_macs", "epochs", "search_epochs", "ft_epochs", "lr", "ft_lr", "alpha_nuc", "snap",
+                           "amp", "workers"),
+                estimate=estimate, dense_model=lambda s: _fresh(s.model), input_shape=INPUT_SHAPE)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark (or print its plan); returns the result written to the JSON."""
-    args = parse_args(argv)
-    clock = common.Stopwatch()
-    started = time.strftime("%Y-%m-%dT%H:%M:%S")
-    s = make_settings(args)
-    work = (args.work_dir or HERE / "work" / f"spm_{s.scale}").resolve()
-    out_dir = args.out_dir.resolve()
-    n_train = s.limit_train or FASHION_TRAIN
-    n_test = s.limit_test or FASHION_TEST
-
-    plan: dict[str, Any] = {"l1_plan": l1_plan(s)}
-    on_cpu = str(s.device).startswith("cpu")
-    if on_cpu and (s.threads == 0 or s.scale != "smoke"):  # smoke needs no estimate
-        plan["throughput"] = measure(s)
-        plan["loadavg"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-        plan["estimate_s"] = estimate_s(s, n_train, n_test, plan["throughput"])
-    print_plan(s, plan, args.dry_run)
-    if args.dry_run:
-        return {"settings": dataclasses.asdict(s), "plan": plan, "dry_run": True}
-    if str(s.device).startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {s.device}: no CUDA device here (use --dry-run to see the plan, or --device cpu)")
-    if "throughput" not in plan and s.threads:
-        torch.set_num_threads(s.threads)
-
-    work.mkdir(parents=True, exist_ok=True)
-    settings_file = work / "settings.json"
-    if args.resume and settings_file.exists():
-        old = json.loads(settings_file.read_text())
-        now = E.log.to_jsonable(dataclasses.asdict(s))
-        if {k: v for k, v in old.items() if k != "threads"} != {k: v for k, v in now.items() if k != "threads"}:
-            raise UserError(f"--resume: {settings_file} was written with other settings; rerun without --resume")
-    write_json(settings_file, dataclasses.asdict(s))
-    hardware = common.hardware_info(str(s.device))
-    info_file = work / "run_info.json"  # what the first invocation measured, kept for a later --resume
-    first = json.loads(info_file.read_text()) if args.resume and info_file.is_file() else None
-    if first is None:
-        write_json(info_file, {"started": started, "hardware": hardware, "plan": plan,
-                               "argv": sys.argv[1:] if argv is None else list(argv)})
-
-    rows: list[dict[str, Any]] = []
-    for seed in range(s.seeds):
-        for v in ("spm", "spm_no_nuc"):
-            log(f"seed {seed}: {v} ({s.epochs:g} epochs from random init)")
-            row = run_spm(s, v, seed, work / f"seed{seed}" / v, args.resume)
-            rows.append(row)
-            log(f"    top-1 {row['top1']:.2f}% (gated {row['gated_top1']:.2f}%), MACs {row['macs_fraction']:.3f} of "
-                f"dense (search ended at {row['search_macs_fraction']:.3f}), {row['params_M']:.4f} M params, "
-                f"{row['wall_s']:.0f} s; elapsed {clock() / 60:.1f} min")
-        log(f"seed {seed}: dense base ({s.epochs:g} epochs)")
-        dense = run_dense(s, seed, work / f"seed{seed}" / "dense", args.resume)
-        rows.append(dense)
-        log(f"    top-1 {dense['top1']:.2f}%, {dense['wall_s']:.0f} s; elapsed {clock() / 60:.1f} min")
-        log(f"seed {seed}: l1 to {s.target_macs:g} of dense MACs, fine-tune {s.ft_epochs:g} epochs")
-        row = run_l1(s, seed, Path(dense["model_file"]), work / f"seed{seed}" / "l1", args.resume)
-        rows.append(row)
-        log(f"    top-1 {row['top1']:.2f}% (after removal {row['before_ft_top1']:.2f}%), MACs "
-            f"{row['macs_fraction']:.3f}, {row['params_M']:.4f} M params, {row['wall_s']:.0f} s; "
-            f"elapsed {clock() / 60:.1f} min")
-
+    r = H.main(BENCH, argv)
+    if r["dry_run"]:
+        return {"settings": r["settings"], "plan": r["plan"], "dry_run": True}
+    s = r["settings_obj"]
+    rows = expand(r["rows"])
     groups, comps = summarize(rows)
-    gate_groups = spm_groups(s)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"spm_ablation_{s.scale}"
-    fig = accuracy_plot(out_dir / f"{stem}.png", rows, groups, s.target_macs)
-    spm_cfg = {v: next(r["spm_settings"] for r in rows if r["variant"] == v) for v in ("spm", "spm_no_nuc")}
+    out_dir, stem = r["args"].out_dir.resolve(), f"spm_ablation_{s.scale}"
+    n_train, n_test = s.limit_train or FASHION_TRAIN, s.limit_test or FASHION_TEST
     result = {
-        "benchmark": "spm_ablation", "scale": s.scale, "argv": sys.argv[1:] if argv is None else list(argv),
-        "started": started, "wall_time_s": round(clock(), 1), "hardware": hardware,
-        "settings": dataclasses.asdict(s), "plan": plan, "l1_plan": plan["l1_plan"], "spm_settings": spm_cfg,
+        "benchmark": "spm_ablation", "scale": s.scale, "argv": r["argv"], "started": r["date"],
+        "wall_time_s": round(r["wall_time_s"], 1), "hardware": r["hardware"], "n_workers": r["n_workers"],
+        "settings": r["settings"], "plan": r["plan"], "l1_plan": (r["plan"] or {}).get("l1_plan") or l1_plan(s),
+        "spm_settings": {v: next(x["spm_settings"] for x in rows if x["variant"] == v)
+                         for v in ("spm", "spm_no_nuc") if any(x["variant"] == v for x in rows)},
         "epochs_per_variant": {v: epochs_of(s, v) for v in VARIANTS},
         "data": {"spec": DATA, "train_images": n_train, "test_images": n_test,
                  "subset": n_train < FASHION_TRAIN or n_test < FASHION_TEST},
-        "results": rows, "summary": groups, "comparisons": comps, "plot": str(fig), "work_dir": str(work),
-        "workarounds": [SNAP_WORKAROUND], "spm_groups": gate_groups, "resumed": bool(args.resume),
-        "first_invocation": first,
-        "jobs_wall_s": round(sum(r["wall_s"] for r in rows), 1),
-        "notes": make_notes(groups, comps, s, rows) + collapse_notes(rows, gate_groups) + [workaround_note(rows)],
+        "results": rows, "summary": groups, "comparisons": comps, "plot": str(out_dir / f"{stem}.png"),
+        "work_dir": str(r["work"]), "spm_groups": spm_groups(s), "jobs_done": r["jobs_done"],
+        "jobs_expected": r["jobs_expected"], "complete": r["complete"],
+        "jobs_wall_s": round(sum(x["wall_s"] for x in r["rows"]), 1), "notes": make_notes(groups, comps, s, rows),
     }
-    write_json(out_dir / f"{stem}.json", result)
-    if first is None:
-        write_json(info_file, {**json.loads(info_file.read_text()), "wall_time_s": result["wall_time_s"]})
-    (out_dir / f"{stem}.md").write_text(markdown(result))
-    log(f"wrote {out_dir / (stem + '.md')}, {stem}.json, {stem}.png in {clock() / 60:.1f} min")
-    print(markdown(result), flush=True)
-    return result
+    res = H.write_outputs(result, out_dir, stem, markdown,
+                          [lambda d: accuracy_plot(d / f"{stem}.png", rows, groups, s.target_macs)])
+    return res
 
 
 if __name__ == "__main__":
-    common.run_script(main)
+    H.run_script(main)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -12,15 +13,17 @@ import torch
 import torch.nn as nn
 
 from .errors import UserError
+from .gate_regularizer import GateRegularizer, spm_regularizer
 from .graph import GroupGraph, analyze
 from .methods.base import Picks, PruneTarget
 from .methods.greg import GReg, GRegConfig, MaskKeeper
-from .methods.l1 import CRITERIA, filter_scores, group_scores
+from .methods.l1 import CRITERIA, PICK_MODES, pick_filters
 from .ratios import Plan, make_plan
-from .surgery import apply_picks, periodic_picks
+from .surgery import apply_picks
 from .verify import check_example_inputs
 
-__all__ = ["prune", "regularizer", "Regularizer", "PruneResult", "plan_targets", "l1_picks"]
+__all__ = ["prune", "regularizer", "Regularizer", "GateRegularizer", "PruneResult", "plan_targets", "l1_picks",
+           "unstructured_plan", "as_example_inputs"]
 
 
 @dataclass
@@ -35,47 +38,42 @@ class PruneResult:
     verification: dict | None = None
 
 
-def plan_targets(graph: GroupGraph, plan: Plan, penalize_coupled: bool = False,
-                 unstructured: bool = False) -> list[PruneTarget]:
-    """One PruneTarget per group the plan prunes (root layer, count, coupled slices)."""
+def plan_targets(graph: GroupGraph, plan: Plan, coupled: bool = False, unstructured: bool = False) -> list[PruneTarget]:
+    """One PruneTarget per group the plan prunes: root layer, count, grouped-conv channel blocks, and with
+    `coupled` the group's other slices (BN scale and shift, consumers' input channels) for Group-GReg's penalty
+    and the "group" criterion."""
     targets = []
     for root, k in plan.removal.items():
         mod = graph.module(root)
         if unstructured:
             k = min(math.ceil(plan.ratios[root] * mod.weight.numel() - 1e-9), mod.weight.numel() - 1)
-        coupled = graph.coupled_params(root) if penalize_coupled else []
-        targets.append(PruneTarget(root, mod, k, coupled))
+        # slices whose channel count differs from the root's (behind a concat or a grouped conv) are left out
+        slices = [c for c in graph.coupled_params(root, include_bn=True) if c[1].shape[c[2]] == mod.weight.shape[0]
+                  ] if coupled and not unstructured else []
+        blocks = graph.groups[root].ch_groups if root in graph.groups else 1
+        targets.append(PruneTarget(root, mod, k, slices, blocks))
     return targets
 
 
 def l1_picks(graph: GroupGraph, targets: list[PruneTarget], how: str = "min", seed: int = 0,
              criterion: str = "filter") -> Picks:
-    """L1 picks per target, keeping grouped-conv blocks even where a group passes through one.
+    """L1 picks per target (`methods.l1.pick_filters`), keeping grouped-conv blocks where a group passes through one.
 
     criterion "filter": the pruned layer's own filter norms (the papers' L1); "group": the channel's magnitude
     over every layer of its channel group (the consumers' input weights and the BN scales too)."""
     if criterion not in CRITERIA:
         raise UserError(f"unknown criterion {criterion!r}: expected one of {', '.join(CRITERIA)}")
-    gen = torch.Generator().manual_seed(seed)
-    picks: Picks = {}
-    for t in targets:
-        if criterion == "group":
-            scores = group_scores(t.module, graph.coupled_params(t.name, include_bn=True))
-        else:
-            scores = filter_scores(t.module)
-        if how == "max":
-            scores = -scores
-        elif how == "rand":
-            scores = torch.rand(scores.shape, generator=gen)
-        elif how != "min":
-            raise UserError(f"unknown pick {how!r}: expected min, max or rand")
-        picks[t.name] = periodic_picks(graph, t.name, scores, t.n_remove)
-    return picks
+    if how not in PICK_MODES:
+        raise UserError(f"unknown pick {how!r}: expected one of {', '.join(PICK_MODES)}")
+    if criterion == "group":
+        targets = [dataclasses.replace(t, coupled=graph.coupled_params(t.name, include_bn=True)) for t in targets]
+    return pick_filters(targets, how, seed, criterion)
 
 
-def _example(model: nn.Module, example_inputs: Any) -> Any:
+def as_example_inputs(model: nn.Module, example_inputs: Any) -> Any:
     """The example inputs as the graph takes them: a tensor (its first sample), a tuple/list of positional inputs
-    or a dict of keyword inputs (as given: every input is used)."""
+    or a dict of keyword inputs (as given: every input is used). Raises UserError when they are None or hold no
+    tensor."""
     if example_inputs is None:
         raise UserError("example_inputs is required: a batch (even of 1) shaped like the model's input, a tuple "
                         "of positional inputs or a dict of keyword inputs")
@@ -119,7 +117,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor, method: str = "l1", ra
     if optimizer is not None and not inplace:
         raise UserError("optimizer= needs inplace=True: a pruned copy's parameters are not in your optimizer")
     target = model if inplace else copy.deepcopy(model)
-    x = _example(target, example_inputs)
+    x = as_example_inputs(target, example_inputs)
     graph = analyze(target, x, include_coupled=include_coupled)
     plan = make_plan(graph, ratios, speedup=speedup, target_macs=target_macs, skip=skip, round_to=round_to)
     if plan.note:
@@ -127,6 +125,25 @@ def prune(model: nn.Module, example_inputs: torch.Tensor, method: str = "l1", ra
     picks = l1_picks(graph, plan_targets(graph, plan), pick, seed, criterion)
     _prune_with_optimizer(graph, picks, optimizer, include_coupled)
     return PruneResult(target, picks, plan, getattr(target, "regprune_verification", None))
+
+
+def unstructured_plan(graph: GroupGraph, sparsity: float, skip: list[str] | None = None) -> Plan:
+    """Unstructured scope: every conv and linear layer (any dimension, transposed too) at one sparsity, the fraction
+    of its weights to zero (the paper's unstructured ResNet-50 runs at 0.827, section 4.3). `skip` takes module-name
+    glob patterns. MACs are unchanged: a sparse layer still runs dense. Raises UserError for a sparsity outside
+    (0, 1) or a scope left empty by `skip`."""
+    import fnmatch
+
+    from .counting import count_macs, is_counted
+
+    if not 0.0 < sparsity < 1.0:
+        raise UserError(f"sparsity {sparsity:g} out of range: expected a fraction of weights to zero in (0, 1)")
+    layers = [n for n, m in graph.model.named_modules() if is_counted(m) and m.weight is not None
+              and not any(fnmatch.fnmatchcase(n, p) for p in skip or [])]
+    if not layers:
+        raise UserError("nothing to prune: no conv or linear layer is left in the unstructured scope")
+    macs = count_macs(graph.model, graph.example_inputs)
+    return Plan({n: sparsity for n in layers}, {n: 1 for n in layers}, macs, macs)
 
 
 class Regularizer:
@@ -140,7 +157,7 @@ class Regularizer:
         self.method = method
         self.unstructured = unstructured
         self.include_coupled = include_coupled
-        self.targets = plan_targets(graph, plan, config.penalize_coupled, unstructured)
+        self.targets = plan_targets(graph, plan, "group" in (config.penalty, config.criterion), unstructured)
         self.greg = GReg(self.targets, config, method=method)
         self.pruned = False
 
@@ -150,6 +167,10 @@ class Regularizer:
                             "regularizer for another round")
 
     # the hook protocol, forwarded so the object can go straight into the engine's hooks list
+    def extra_loss(self, trainer: Any = None, model: nn.Module | None = None, outputs: Any = None) -> None:
+        """None: GReg adds its penalty to the gradients (`after_backward`), not to the loss."""
+        return None
+
     def after_backward(self, trainer: Any = None) -> None:
         self._live("after_backward")
         self.greg.after_backward(trainer)
@@ -192,8 +213,6 @@ class Regularizer:
                     t.module.weight.mul_(masks[t.name].to(t.module.weight.dtype))
             return self.graph.model
         picks = self.greg.picks()
-        if self.graph.groups and any(self.graph.groups[r].ch_groups > 1 for r in picks):
-            raise UserError("GReg picks on groups through grouped convs are not supported yet; skip those layers")
         _prune_with_optimizer(self.graph, picks, optimizer, self.include_coupled)
         self.pruned = True
         return self.graph.model
@@ -206,12 +225,40 @@ class Regularizer:
 def regularizer(model: nn.Module, example_inputs: torch.Tensor, method: str = "greg1", ratios: str | None = None, *,
                 speedup: float | None = None, target_macs: float | None = None, iters: int | None = None,
                 config: GRegConfig | None = None, skip: list[str] | None = None, round_to: int | None = None,
-                include_coupled: bool = False, unstructured: bool = False, **config_overrides: Any) -> Regularizer:
-    """Build a GReg-1/GReg-2 regularizer for `model`; `iters` scales the paper's schedule to that many steps."""
+                include_coupled: bool = False, unstructured: bool = False, sparsity: float | None = None,
+                **config_overrides: Any) -> Regularizer | GateRegularizer:
+    """Build a GReg-1/GReg-2 (`Regularizer`) or SPM (`GateRegularizer`) regularizer for `model`.
+
+    SPM (`method="spm"`) hooks one binary gate per channel group into `model` (in place) and drives the gated
+    network's MACs to `target_macs` (kept fraction of dense MACs, 0.41 by default; or `speedup` = 1 / target);
+    `iters` is the number of steps after which the gates freeze; `config_overrides` take `groups` ("all",
+    "scope" or a list of group roots) and `SPMRegularizer` keywords (`alpha_mac`, `alpha_nuc`, `tie_spread`,
+    `freeze_epoch`, ...). The GReg-only options (ratios, config, skip, round_to, include_coupled, unstructured,
+    sparsity) raise UserError with it. Build the optimizer after this call, so that it holds the gates.
+
+    How much: `ratios` / `speedup` / `target_macs` plan filter removal per channel group; with `unstructured=True`
+    either the same plan's ratios apply per weight, or `sparsity` (a fraction in (0, 1)) zeroes that share of the
+    weights of every conv and linear layer. `iters` makes the schedule budget-aware (`GRegConfig.scaled`): pass the
+    optimizer's `lr_prune=` and `momentum=` among `config_overrides` (GRegConfig field names, e.g. `penalty="group"`,
+    `criterion="group"`) so that the penalty integrates enough decay without ringing. Raises UserError for an
+    unknown method, an unreachable target, a plan that removes nothing or bad settings."""
+    if method == "spm":
+        return spm_regularizer(model, as_example_inputs(model, example_inputs), ratios=ratios, speedup=speedup, target_macs=target_macs,
+                                iters=iters, config=config, skip=skip, round_to=round_to,
+                                include_coupled=include_coupled, unstructured=unstructured, sparsity=sparsity,
+                                options=config_overrides)
     if method not in ("greg1", "greg2"):
-        raise UserError(f"unknown regularization method {method!r}: expected greg1 or greg2")
-    graph = analyze(model, _example(model, example_inputs), include_coupled=include_coupled)
-    plan = make_plan(graph, ratios, speedup=speedup, target_macs=target_macs, skip=skip, round_to=round_to)
+        raise UserError(f"unknown regularization method {method!r}: expected greg1, greg2 or spm")
+    graph = analyze(model, as_example_inputs(model, example_inputs), include_coupled=include_coupled)
+    if sparsity is not None:
+        if not unstructured:
+            raise UserError("sparsity= is the unstructured scope; pass unstructured=True, or plan filters with "
+                            "ratios, speedup or target_macs")
+        if ratios is not None or speedup is not None or target_macs is not None:
+            raise UserError("give either sparsity= or ratios/speedup/target_macs, not both")
+        plan = unstructured_plan(graph, sparsity, skip)
+    else:
+        plan = make_plan(graph, ratios, speedup=speedup, target_macs=target_macs, skip=skip, round_to=round_to)
     if plan.note:
         warnings.warn(plan.note, stacklevel=2)
     transposed = [r for r in plan.removal if getattr(graph.module(r), "transposed", False)]

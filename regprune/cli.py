@@ -114,12 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     _ratio_opts(p)
     p.add_argument("--pick", choices=["min", "max", "rand"])
     p.add_argument("--criterion", choices=["filter", "group"],  # methods.l1.CRITERIA (not imported: torch-free parsing)
-                   help="L1's channel score: the pruned filter's norm (default, the papers') or the channel's "
-                        "magnitude over its whole coupled group")
+                   help="how channels are picked (L1, GReg-1 at the start, GReg-2 at its pick): the pruned filter's "
+                        "norm (default, the papers') or the channel's magnitude over its whole coupled group")
     p.add_argument("--unstructured", action="store_true", default=None, help="per-weight instead of per-filter")
-    p.add_argument("--penalize-coupled", action="store_true", default=None,
-                   help="GReg: penalise every member of the coupled group, not only the root conv")
-    p.add_argument("--reg-iters", type=int, help="scale GReg's whole schedule to about this many iterations")
+    p.add_argument("--sparsity", type=_ratio_float,
+                   help="with --unstructured: zero this fraction of the weights of every conv and linear layer "
+                        "(the paper's ResNet-50: 0.827)")
+    p.add_argument("--penalty", choices=["filter", "group"],
+                   help="GReg's penalty: on the pruned filters only (default, the paper's) or on every member of "
+                        "their channel group: BN scale and shift and the consumers' input channels (Group-GReg)")
+    p.add_argument("--penalize-coupled", action="store_true", default=None, help=argparse.SUPPRESS)  # old --penalty group
+    p.add_argument("--bn-recal", type=int, metavar="N",
+                   help="re-estimate BatchNorm statistics on N training batches after removal (default 100; 0: off)")
+    p.add_argument("--reg-iters", type=int,
+                   help="fit GReg's whole schedule into about this many iterations, with levels set so the penalty "
+                        "integrates enough decay at the run's lr and momentum without ringing (see --dry-run)")
     p.add_argument("--reg-batch-size", type=int)
     p.add_argument("--greg", action="append", metavar="NAME=VALUE",
                    help="GReg setting by its paper name, e.g. update_reg_interval=5 (repeatable)")
@@ -139,12 +148,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nuc-every", type=int)
     p.add_argument("--mac-grad-inputs", action="store_true", default=None,
                    help="MACs loss differentiable in input counts too (the authors hold them constant)")
-    p.add_argument("--mac-norm", choices=["unit", "dense"],
-                   help="MACs gap in GMACs (paper; default for nets >= 1 GMAC) or as a fraction of dense MACs")
-    p.add_argument("--gate-lr-scale", type=float, help="gates' learning-rate factor")
-    p.add_argument("--no-exact-budget", dest="exact_budget", action="store_false", default=None,
-                   help="at S_max keep the gates where the search left them (default: move the least decided "
-                        "channels until MACs are within 1%% of the budget)")
+    p.add_argument("--mac-norm", choices=["matched", "unit", "dense"],
+                   help="MACs loss scale: 'matched' (default: the paper's ResNet-50 push relative to the task "
+                        "gradient, at any network size), 'unit' (the paper's formula in GMACs) or 'dense' "
+                        "(alpha-mac x squared gap in fractions of dense MACs)")
+    p.add_argument("--gate-lr-scale", type=float, help="gates' learning-rate factor (default 1, as the official code)")
+    p.add_argument("--tie-spread", type=float,
+                   help="MACs-gradient factor 1 +/- this by the rank of each channel's weight magnitude in its "
+                        "group (default 0.5; 0: the paper's identical push)")
+    p.add_argument("--exact-budget", dest="exact_budget", action=argparse.BooleanOptionalAction, default=None,
+                   help="at S_max move gates by importance until MACs are within 1%% of the budget (default off, "
+                        "as in the paper: the gates stay where the search left them)")
+    p.add_argument("--snap-floor", type=float,
+                   help="with --exact-budget, the fraction of each group's channels the snap never goes below "
+                        "(default 0.1)")
     p.add_argument("--no-wd-bn-bias", action="store_true", default=None)
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--weight-decay", type=float)
@@ -386,8 +403,12 @@ def _dry_run(o) -> int:
     model = create_model(o.model, num_classes=classes, in_channels=ch, **({"shortcut": o.shortcut} if o.shortcut else {}))
     x = torch.zeros(1, ch, size, size)
     graph, plan = prune_plan(o, model, x)
-    rows = [{"layer": r, "dense": graph.groups[r].channels, "kept": graph.groups[r].channels - k,
-             "ratio": f"{plan.ratios[r]:.3f}"} for r, k in plan.removal.items()]
+    if o.sparsity is not None:
+        rows = [{"layer": r, "weights": graph.module(r).weight.numel(),
+                 "zeroed": math.ceil(plan.ratios[r] * graph.module(r).weight.numel() - 1e-9)} for r in plan.ratios]
+    else:
+        rows = [{"layer": r, "dense": graph.groups[r].channels, "kept": graph.groups[r].channels - k,
+                 "ratio": f"{plan.ratios[r]:.3f}"} for r, k in plan.removal.items()]
     print(f"plan for {o.method} on {o.model} ({o.data}, assumed {ch}x{size}x{size}, {classes} classes):")
     print(format_table(rows, list(rows[0])))
     print(f"MACs {plan.dense_macs / 1e6:.2f}M -> {plan.pruned_macs / 1e6:.2f}M, speedup {plan.speedup:.2f}x")
@@ -400,7 +421,18 @@ def _dry_run(o) -> int:
         print(f"regularization schedule: pick {it['pick']} + grow {it['grow']} + stabilize {it['stabilize']} "
               f"= {it['total']} iterations{ep} (update_reg_interval {cfg.update_reg_interval}, "
               f"reg_granularity_prune {cfg.reg_granularity_prune:g}, reg_upper_limit {cfg.reg_upper_limit:g}, "
-              f"lr_prune {cfg.lr_prune:g})")
+              f"lr_prune {cfg.lr_prune:g}, momentum {cfg.momentum:g}, penalty {cfg.penalty}, "
+              f"criterion {cfg.criterion})")
+        pred = cfg.predict(o.method)
+        ratio = pred["predicted_ratio"]
+        print(f"predicted: integrated decay {pred['integrated_decay']:.2f} (ln {cfg.mag_ratio_limit:g} = "
+              f"{pred['needed']:.2f} needed), kept/pruned ratio "
+              f"{'> 1e6' if ratio > 1e6 else f'{ratio:.3g}'}, lr*lambda up to {pred['lr_lambda_max']:.3g} "
+              f"(stability bound {pred['stability_bound']:.3g})"
+              + (f"; GReg-2 pick phase integrates {pred['pick_decay']:.2f} (the paper's CIFAR schedule: 0.50)"
+                 if o.method == "greg2" else ""))
+        if pred["warning"]:
+            print(f"warning: {pred['warning']}")
     print(f"fine-tune: {o.ft_epochs:g} epochs, lr {o.ft_lr:g} ({o.ft_lr_schedule})")
     return 0
 
@@ -424,7 +456,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 _SPM_KEYS = ("search_epochs", "alpha_nuc", "alpha_mac", "nuc_every", "mac_grad_inputs", "mac_norm", "gate_lr_scale",
-             "exact_budget")
+             "exact_budget", "tie_spread", "snap_floor")
 
 
 def cmd_scratch(args: argparse.Namespace) -> int:
@@ -432,6 +464,8 @@ def cmd_scratch(args: argparse.Namespace) -> int:
 
     o = _options(args, {"out": "runs/scratch", "lr_schedule": "cosine", "epochs": 10})
     extra = {k: getattr(o, k) for k in _SPM_KEYS if getattr(o, k) is not None}
+    if args.warmup_epochs is not None or o.warmup_epochs:  # else the official 8/90 of the epochs
+        extra["warmup_epochs"] = o.warmup_epochs
     if not o.model:
         raise UserError("--model is required")
     if o.target_macs is None:

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UserError
+from .io import atomic_path
 from .models import model_info
 from .surgery import load_model
 
@@ -246,25 +245,20 @@ def export_onnx(model_file: str | os.PathLike | nn.Module, onnx_path: str | os.P
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create {out.parent}: {exc.strerror or exc}") from None
-    # a private folder beside the target: the file gets the usual permissions, and the final move is atomic
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    tmp = tmp_dir / out.name
     try:
-        export_module(net, torch.zeros(1, *sample), tmp)
-        check = check_onnx(tmp, net, sample, batch_sizes=batch_sizes, atol=atol, seed=seed)
-        if not check.passed:
-            raise UserError(f"refused: the ONNX file does not reproduce the model ({check.summary()}); "
-                            f"nothing written to {out}")
-        if out.exists() and not overwrite:  # appeared while exporting: never replace it unasked
-            raise UserError(f"{out} already exists; pass --overwrite to replace it")
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:  # moved onto `out` only when the block succeeds
+            export_module(net, torch.zeros(1, *sample), tmp)
+            check = check_onnx(tmp, net, sample, batch_sizes=batch_sizes, atol=atol, seed=seed)
+            if not check.passed:
+                raise UserError(f"refused: the ONNX file does not reproduce the model ({check.summary()}); "
+                                f"nothing written to {out}")
+            if out.exists() and not overwrite:  # appeared while exporting: never replace it unasked
+                raise UserError(f"{out} already exists; pass --overwrite to replace it")
     except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
         for p in made:  # folders this call created, innermost first, if still empty
             try:
                 p.rmdir()
             except OSError:
                 break
         raise
-    shutil.rmtree(tmp_dir, ignore_errors=True)
     return OnnxExport(out, check, sample)

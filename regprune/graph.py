@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import weakref
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
+import torch_pruning.dependency.index_mapping as _tp_index_mapping
 from torch.utils._pytree import tree_flatten
 
 from .counting import call_model, is_counted, is_depthwise, macs_hook, uncounted_layers
 from .errors import UserError
 from .models.cifar import PadShortcut
 
-__all__ = ["Member", "ChannelGroup", "GroupGraph", "analyze", "model_family", "PadShortcutPruner"]
+__all__ = ["Member", "ChannelGroup", "GroupGraph", "analyze", "model_family", "PadShortcutPruner",
+           "IndexMappingDiverges"]
 
 
 class PadShortcutPruner(tp.pruner.function.BasePruningFunc):
@@ -52,6 +56,124 @@ class PadShortcutPruner(tp.pruner.function.BasePruningFunc):
 
 
 CUSTOM_PRUNERS: dict = {PadShortcut: PadShortcutPruner()}
+
+ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+class IndexMappingDiverges(UserError):
+    """A group's channel indices do not settle while they are mapped through the graph's reshapes (Torch-Pruning
+    reads some window and head reshapes of transformer blocks as flattens): the group cannot be formed."""
+
+
+# Torch-Pruning recomputes every reshape/concat/split index mapping of the whole graph each time it forms a
+# group (`DependencyGraph.get_pruning_group`). The mappings depend only on the graph and the current layer widths,
+# so while a graph is in `_mapped_once` they are computed once on entry and reused for every group formed inside.
+_ONCE: "weakref.WeakKeyDictionary[tp.DependencyGraph, _Traversal]" = weakref.WeakKeyDictionary()
+_tp_update_index_mapping = _tp_index_mapping.update_index_mapping
+
+
+def _update_index_mapping(graph) -> None:
+    if graph not in _ONCE:
+        _tp_update_index_mapping(graph)
+
+
+_tp_index_mapping.update_index_mapping = _update_index_mapping
+
+
+class _Traversal:
+    """What one group formation has passed on so far: channel indices per (layer node, pruning function)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.seen: dict[tuple[Any, Any], set[int]] = {}
+
+
+class _NewIndices:
+    """A dependency's index mappings (Torch-Pruning's, applied in order) that pass on only the channel indices
+    its target has not been given yet in this group formation, one entry per index, sorted.
+
+    TP's traversal stops at a layer it reaches again only when the index list is equal to one given before; through
+    the window and head reshapes of transformer blocks (Swin, MaxViT) the same channels come back in other orders
+    and subsets, and the lists multiplied (minutes per group). Every mapping is a function of each index alone, so
+    giving each (layer, function) each index once forms the same group. A list longer than `limit` (more indices
+    than any layer has channels: a reshape read as a flatten) raises IndexMappingDiverges."""
+
+    def __init__(self, dep, mappings: list, trav: _Traversal) -> None:
+        self.key, self.mappings, self.trav = (dep.target, dep.handler), mappings, trav
+
+    def __call__(self, idxs):
+        for mp in self.mappings:
+            if mp is not None:
+                # a flatten gives `stride` indices per index: refused before a list past the limit is built
+                grows = isinstance(mp, _tp_index_mapping._FlattenIndexMapping) and not mp.reverse
+                too_many = grows and len(idxs) * mp._stride > self.trav.limit
+                idxs = idxs if too_many else mp(idxs)
+                if too_many or len(idxs) > self.trav.limit:
+                    raise IndexMappingDiverges(
+                        "its channel indices do not settle through the model's reshapes (a mapping gives more "
+                        f"than {self.trav.limit} indices, far more than any layer of the model has channels)")
+        seen = self.trav.seen.setdefault(self.key, set())
+        new: dict[int, Any] = {}
+        for i in idxs:
+            if i.idx not in seen:
+                new.setdefault(i.idx, i)
+        seen.update(new)
+        return [new[k] for k in sorted(new)]
+
+
+def _widest(model: nn.Module) -> int:
+    """The most channels / features any tensor dimension of `model`'s layers can have (a bound for index lists)."""
+    widths = [1]
+    for m in model.modules():
+        for a in ("in_channels", "out_channels", "in_features", "out_features", "num_features", "embed_dim"):
+            v = getattr(m, a, None)
+            if isinstance(v, int):
+                widths.append(v)
+        for p in m.parameters(recurse=False):
+            widths.append(max(p.shape, default=1))
+    return max(widths)
+
+
+_MAPPED_AT: "weakref.WeakKeyDictionary[tp.DependencyGraph, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _widths(dg: tp.DependencyGraph) -> tuple:
+    """Every traced layer's (out, in) channels and every traced parameter's shape: what the mappings depend on."""
+    out = []
+    for m in dg.module2node:
+        if isinstance(m, nn.Parameter):
+            out.append(tuple(m.shape))
+            continue
+        pruner = dg.get_pruner_of_module(m)
+        out.append(None if pruner is None else (pruner.get_out_channels(m), pruner.get_in_channels(m)))
+    return tuple(out)
+
+
+@contextlib.contextmanager
+def _mapped_once(dg: tp.DependencyGraph, limit: int) -> Iterator[_Traversal]:
+    """Inside: `dg`'s index mappings are computed once (on entry, for the current layer widths) and every group
+    formed reuses them, passing each index on once (see _NewIndices; clear the yielded traversal's `seen` before
+    each group). On exit TP's own mappings are put back. Nested uses share the outer one's mappings."""
+    if dg in _ONCE:
+        yield _ONCE[dg]
+        return
+    widths = _widths(dg)
+    if _MAPPED_AT.get(dg) != widths:  # TP's mappings on the graph are for other widths (or never computed)
+        _tp_update_index_mapping(dg)
+        _MAPPED_AT[dg] = widths
+    trav = _Traversal(limit)
+    saved = []
+    for node in dg.module2node.values():
+        for dep in node.dependencies:
+            saved.append((dep, dep.index_mapping))
+            dep.index_mapping = [_NewIndices(dep, list(dep.index_mapping), trav)]
+    _ONCE[dg] = trav
+    try:
+        yield trav
+    finally:
+        del _ONCE[dg]
+        for dep, mappings in saved:
+            dep.index_mapping = mappings
 
 
 @dataclass
@@ -154,15 +276,29 @@ def _probe(model: nn.Module, example_inputs) -> tuple[dict[str, int], set[str], 
     return macs, outputs, called_eval, called_train - called_eval
 
 
+def _trace_failure(exc: Exception) -> str:
+    """One line on why Torch-Pruning could not trace a model."""
+    import traceback
+
+    what = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    frames = {f.name for f in traceback.extract_tb(exc.__traceback__)}
+    if isinstance(exc, ZeroDivisionError) and "update_reshape_index_mapping" in frames:
+        return ("a reshape that splits the channel dimension and regroups it (such as ShuffleNet's channel "
+                f"shuffle, view -> transpose -> view) is not supported by the tracer ({what})")
+    return what
+
+
 class GroupGraph:
     """A model's dependency graph with its channel groups, keyed by root layer name.
 
     `example_inputs`: a tensor, a tuple/list of positional inputs or a dict of keyword inputs (all are used).
     With `safety=True` (what `analyze` does) every candidate group is cut on a trial copy and verified first;
-    groups that fail are out of scope with the reason (`unsafe: ...`)."""
+    groups that fail are out of scope with the reason (`unsafe: ...`). `roots` (layer names) forms only the groups
+    rooted there (a trial copy needs no others); by default every group is formed."""
 
     def __init__(self, model: nn.Module, example_inputs: Any, include_coupled: bool = False,
-                 family: str | None = None, safety: bool = True, probe: bool = True) -> None:
+                 family: str | None = None, safety: bool = True, probe: bool = True,
+                 roots: Sequence[str] | None = None) -> None:
         from .verify import check_example_inputs
 
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
@@ -178,8 +314,7 @@ class GroupGraph:
                 self.dg = tp.DependencyGraph().build_dependency(
                     model, example_inputs=_cloned(example_inputs), customized_pruners=CUSTOM_PRUNERS)
         except Exception as exc:  # tracing failures are the model's, not a bug of ours: say which
-            raise UserError(f"cannot trace the model's channel dependencies: {type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+            raise UserError(f"cannot trace the model's channel dependencies: {_trace_failure(exc)}") from exc
         self.layer_macs, self.outputs, called, self.train_only = ({}, set(), set(), set())
         if probe:  # trial copies (see verify.group_safety) need the dependency graph only
             self.layer_macs, self.outputs, called, self.train_only = _probe(model, example_inputs)
@@ -189,6 +324,8 @@ class GroupGraph:
                                and is_counted(m))
         self.total_macs = sum(self.layer_macs.values())
         self.groups: dict[str, ChannelGroup] = {}
+        self._limit = 4 * _widest(model) + 1024
+        self._only = None if roots is None else set(roots)
         self._build(include_coupled, family)
         if safety:
             self._decide_safety()
@@ -211,10 +348,67 @@ class GroupGraph:
                 members.append(Member(self.names[mod], type(mod).__name__, side, len(idxs) / n))
         return members
 
+    def _beyond(self, group) -> str:
+        """Why `group` indexes channels a layer does not have ('' when it does not): a reshape read as a flatten
+        (window and head reshapes of transformer blocks) maps indices past a layer's width."""
+        for dep, idxs in group:
+            mod = dep.target.module
+            if not idxs or mod not in self.names:
+                continue
+            pruner = self.dg.get_pruner_of_module(mod)
+            if pruner is None:
+                continue
+            out = self.dg.is_out_channel_pruning_fn(dep.handler)
+            n = pruner.get_out_channels(mod) if out else pruner.get_in_channels(mod)
+            if n is not None and max(idxs) >= n:
+                return (f"its channel indices map onto {self.names[mod]}'s {'output' if out else 'input'} channels "
+                        f"beyond its {n} (through a reshape the tracer reads as a flatten)")
+        return ""
+
+    def _all_groups(self):
+        """(root module, TP group or None, why not) for every conv/linear that starts a group, as
+        `DependencyGraph.get_all_groups` forms them (a layer already in an earlier group's outputs starts none),
+        with the index mappings computed once for all of them (see `_mapped_once`)."""
+        dg = self.dg
+        visited: set = set()
+        ignored = list(dg.IGNORED_LAYERS_IN_TRACING)
+        with _mapped_once(dg, self._limit) as trav:
+            for m in list(dg.module2node):
+                if not isinstance(m, ROOT_TYPES) or m in visited or any(m is i for i in ignored):
+                    continue
+                if self._only is not None and self.names.get(m) not in self._only:
+                    continue
+                pruner = dg.get_pruner_of_module(m)
+                if pruner is None or pruner.get_out_channels(m) is None:
+                    continue
+                try:
+                    trav.seen.clear()
+                    group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+                except IndexMappingDiverges as exc:
+                    yield m, None, str(exc)
+                    continue
+                outs = [dep.target.module for dep, _ in group if dg.is_out_channel_pruning_fn(dep.handler)]
+                visited.update(o for o in outs if isinstance(o, nn.Module))
+                if not any(o is i for o in outs for i in ignored):
+                    yield m, group, ""
+
     def _build(self, include_coupled: bool, family: str | None) -> None:
-        for group in self.dg.get_all_groups(root_module_types=(nn.modules.conv._ConvNd, nn.Linear)):
-            root_mod = group[0].dep.target.module
+        for root_mod, group, why in self._all_groups():
             root = self.names[root_mod]
+            if group is None:  # refused: no group could be formed
+                n = self.dg.get_pruner_of_module(root_mod).get_out_channels(root_mod)
+                self.groups[root] = ChannelGroup(root=root, channels=n, members=[Member(root, type(root_mod).__name__,
+                                                 "out")], writers=[root], macs=self.layer_macs.get(root, 0),
+                                                 unsafe=True, kind="unsafe", reason=f"unsafe: {why}",
+                                                 _total=self.total_macs)
+                continue
+            beyond = self._beyond(group)
+            if beyond:  # refused before any trial: such a group cannot be cut
+                n = self.dg.get_pruner_of_module(root_mod).get_out_channels(root_mod)
+                self.groups[root] = ChannelGroup(root=root, channels=n, members=self._members(group), writers=[root],
+                                                 macs=self.layer_macs.get(root, 0), unsafe=True, kind="unsafe",
+                                                 reason=f"unsafe: {beyond}", _total=self.total_macs)
+                continue
             members = self._members(group)
             writers = [m.name for m in members if m.side == "out" and is_counted(self.module(m.name))
                        and not is_depthwise(self.module(m.name))]
@@ -295,11 +489,19 @@ class GroupGraph:
         """Groups the default scope prunes, in model order."""
         return [g for g in self.groups.values() if g.in_scope]
 
+    def mapped_once(self):
+        """Context in which `tp_group` reuses one computation of the graph's index mappings: for forming several
+        groups while no layer changes width (no cut happens inside)."""
+        return _mapped_once(self.dg, self._limit)
+
     def tp_group(self, root: str, idxs: Sequence[int]):
-        """Torch-Pruning group that removes output channels `idxs` of `root` and everything coupled."""
+        """Torch-Pruning group that removes output channels `idxs` of `root` and everything coupled. Raises
+        IndexMappingDiverges (a UserError) for a root whose group cannot be formed (see `_NewIndices`)."""
         mod = self.module(root)
         fn = tp.prune_linear_out_channels if isinstance(mod, nn.Linear) else tp.prune_conv_out_channels
-        return self.dg.get_pruning_group(mod, fn, list(int(i) for i in idxs))
+        with _mapped_once(self.dg, self._limit) as trav:  # for the widths as they are now (after earlier cuts)
+            trav.seen.clear()
+            return self.dg.get_pruning_group(mod, fn, list(int(i) for i in idxs))
 
     def coupled_params(self, root: str, include_bn: bool = False) -> list[tuple[str, nn.Parameter, int]]:
         """(name, parameter, dim) slices that belong to `root`'s output channels, root excluded."""
@@ -319,9 +521,10 @@ class GroupGraph:
         return out
 
 
-def trial_graph(model: nn.Module, example_inputs: Any) -> GroupGraph:
-    """The bare dependency graph a safety trial cuts (no probe passes, no safety decision of its own)."""
-    return GroupGraph(model, example_inputs, safety=False, probe=False)
+def trial_graph(model: nn.Module, example_inputs: Any, roots: Sequence[str] | None = None) -> GroupGraph:
+    """The bare dependency graph a safety trial cuts (no probe passes, no safety decision of its own), with the
+    groups rooted at `roots` only (all when None)."""
+    return GroupGraph(model, example_inputs, safety=False, probe=False, roots=roots)
 
 
 def model_family(model: nn.Module) -> str | None:

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from . import engine as E
-from .api import Regularizer, l1_picks, plan_targets
+from .api import Regularizer, l1_picks, plan_targets, unstructured_plan
 from .counting import count_macs, count_params
 from .data import DataBundle, load_data, make_loaders
 from .errors import UserError
@@ -141,9 +141,12 @@ class JobOptions:
     round_to: int | None = None
     include_coupled: bool = False
     pick: str = "min"
-    criterion: str = "filter"  # L1's channel score: "filter" (the papers') or "group" (the whole coupled group)
+    criterion: str = "filter"  # channel score for picks: "filter" (the papers') or "group" (the whole coupled group)
     unstructured: bool = False
-    penalize_coupled: bool = False
+    sparsity: float | None = None  # unstructured: this fraction of the weights of every conv/linear layer
+    penalty: str = "filter"  # GReg's penalty: "filter" (the paper's) or "group" (Group-GReg)
+    penalize_coupled: bool = False  # old name of penalty="group"
+    bn_recal: int = 100  # training batches to re-estimate BN statistics on after removal (0: off)
     reg_iters: int | None = None  # scale GReg's schedule to this many iterations
     reg_batch_size: int | None = None
     greg: dict[str, Any] = field(default_factory=dict)  # GRegConfig overrides (paper names)
@@ -160,6 +163,8 @@ class JobOptions:
     mac_norm: str | None = None
     gate_lr_scale: float | None = None
     exact_budget: bool | None = None
+    tie_spread: float | None = None
+    snap_floor: float | None = None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "JobOptions":
@@ -359,13 +364,16 @@ class _StatusLine:
 
 
 def greg_config(o: JobOptions, steps_per_epoch: int) -> GRegConfig:
-    """The paper's GReg schedule (scaled to --reg-iters when given), with any per-name overrides."""
+    """The paper's GReg schedule (budget-aware, scaled to --reg-iters when given, for the run's momentum), with any
+    per-name overrides."""
     overrides = dict(o.greg)
     overrides.setdefault("pick", o.pick)
-    overrides.setdefault("penalize_coupled", o.penalize_coupled)
+    overrides.setdefault("penalty", "group" if o.penalize_coupled else o.penalty)
+    overrides.setdefault("criterion", o.criterion)
     overrides.setdefault("unstructured", o.unstructured)
+    overrides.setdefault("momentum", o.momentum)
     try:
-        if o.reg_iters:
+        if o.reg_iters is not None:
             return GRegConfig.scaled(int(o.reg_iters), o.method, **overrides)
         return GRegConfig(**overrides)
     except TypeError as exc:
@@ -375,6 +383,11 @@ def greg_config(o: JobOptions, steps_per_epoch: int) -> GRegConfig:
 def prune_plan(o: JobOptions, model: nn.Module, x: torch.Tensor):
     """Graph and removal plan for the options (shared by the job and --dry-run)."""
     graph = analyze(model, x, include_coupled=o.include_coupled)
+    if o.sparsity is not None:
+        if not o.unstructured:
+            raise UserError("--sparsity is the unstructured scope: add --unstructured, or plan filters with --ratios, "
+                            "--speedup or --target-macs")
+        return graph, unstructured_plan(graph, o.sparsity, o.skip or None)
     plan = make_plan(graph, o.ratios, speedup=o.speedup, target_macs=o.target_macs, skip=o.skip or None,
                      round_to=o.round_to)
     if not plan.removal:
@@ -395,8 +408,6 @@ def check_options(o: JobOptions, job: str) -> None:
         raise UserError(f"unknown method {o.method!r}: expected l1, greg1 or greg2 (or use `regprune scratch`)")
     if o.criterion not in CRITERIA:
         raise UserError(f"unknown criterion {o.criterion!r}: expected one of {', '.join(CRITERIA)}")
-    if o.criterion != "filter" and o.method != "l1":
-        raise UserError("--criterion applies to --method l1 (GReg picks by its own regularized magnitudes)")
     if o.base is None:
         raise UserError(_NO_BASE)
     if o.base == "pretrained":
@@ -408,8 +419,17 @@ def check_options(o: JobOptions, job: str) -> None:
         raise UserError(f"speedup {o.speedup:g} out of range: expected a number >= 1")
     if o.target_macs is not None and not 0.0 < o.target_macs <= 1.0:
         raise UserError(f"MACs target {o.target_macs:g} out of range: expected a kept fraction in (0, 1]")
-    if not o.ratios and o.speedup is None and o.target_macs is None:
-        raise UserError("say how much to prune: --ratios SPEC, --speedup X or --target-macs F")
+    if o.sparsity is not None and (o.ratios or o.speedup is not None or o.target_macs is not None):
+        raise UserError("give either --sparsity (unstructured) or --ratios/--speedup/--target-macs, not both")
+    if o.sparsity is not None and not o.unstructured:
+        raise UserError("--sparsity is the unstructured scope: add --unstructured")
+    if o.bn_recal < 0:
+        raise UserError(f"--bn-recal must be >= 0 batches, got {o.bn_recal}")
+    if o.unstructured and o.method == "l1":
+        raise UserError("unstructured pruning is available for greg1 and greg2")
+    if not o.ratios and o.speedup is None and o.target_macs is None and o.sparsity is None:
+        raise UserError("say how much to prune: --ratios SPEC, --speedup X, --target-macs F (or --unstructured "
+                        "--sparsity F)")
     if o.method != "l1":
         cfg = greg_config(o, 1)
         _train_config(o, epochs=1, lr=cfg.lr_prune, schedule="constant", warmup=0.0,
@@ -455,8 +475,6 @@ def prune_job(o: JobOptions, run: RunDir) -> dict[str, Any]:
         raise UserError(f"unknown method {o.method!r}: expected l1, greg1 or greg2 (or use `regprune scratch`)")
     if o.criterion not in CRITERIA:
         raise UserError(f"unknown criterion {o.criterion!r}: expected one of {', '.join(CRITERIA)}")
-    if o.criterion != "filter" and o.method != "l1":
-        raise UserError("--criterion applies to --method l1 (GReg picks by its own regularized magnitudes)")
     bundle = _data(o)
     x = example_input(bundle)
     train_loader, test_loader = _loaders(o, bundle)
@@ -509,15 +527,21 @@ def prune_job(o: JobOptions, run: RunDir) -> dict[str, Any]:
         if o.method == "l1":
             raise UserError("unstructured pruning is available for greg1 and greg2")
         pruned = reg.prune()
+        if not run.done("prune"):
+            before = _eval(pruned, test_loader, o.device)
+            run.mark("prune", pruned_before_recal=before, pruned_before_ft=_recalibrate(o, pruned, train_loader,
+                                                                                         test_loader, before))
     else:
         if run.done("prune"):
             pruned, _ = load_model(run.file("pruned_init.safetensors"))
         else:
             pruned = apply_picks(analyze(model, x, include_coupled=o.include_coupled), picks)
+            before = _eval(pruned, test_loader, o.device)
+            after = _recalibrate(o, pruned, train_loader, test_loader, before)
             if E.is_main():
                 save_model(pruned, run.file("pruned_init.safetensors"))
                 E.atomic_write_text(run.file("picks.json"), json.dumps(picks, indent=1))
-            run.mark("prune", pruned_before_ft=_eval(pruned, test_loader, o.device),
+            run.mark("prune", pruned_before_recal=before, pruned_before_ft=after,
                      verification=getattr(pruned, "regprune_verification", None))
             pruned.cpu()
     _debug_rank_dump("prune", pruned, picks=picks)
@@ -540,6 +564,45 @@ def prune_job(o: JobOptions, run: RunDir) -> dict[str, Any]:
         pruned, _ = load_model(run.file("model.safetensors"), model=pruned if o.unstructured else None)
     _debug_rank_dump("finetune", pruned, picks=picks)
     return _report(o, run, dense.cpu(), pruned.cpu(), x, bundle, history, picks)
+
+
+def _recalibrate(o: JobOptions, model: nn.Module, train_loader, test_loader, before: dict) -> dict:
+    """BN recalibration after removal (`--bn-recal N` training batches, no gradient steps); returns the evaluation
+    the fine-tuning starts from (`before` itself when recalibration is off or the model has no BatchNorm)."""
+    used = 0
+    if o.bn_recal:
+        dev = E.resolve_device(o.device, E.get_local_rank())
+        used = E.recalibrate_bn(model.to(dev), train_loader, o.bn_recal, dev)
+        if E.is_distributed():  # each rank saw its own shard: every rank takes rank 0's statistics
+            import torch.distributed as dist
+
+            for buf in model.buffers():
+                dist.broadcast(buf, src=0)
+    model.cpu()
+    if not used:
+        return dict(before, bn_recal_batches=0)
+    return dict(_eval(model, test_loader, o.device), bn_recal_batches=used)
+
+
+def _greg_lines(reg: dict | None, res: dict) -> list[str]:
+    """The report's lines on GReg's regularization: measured vs predicted kept/pruned ratio, GReg-2's overlap with
+    L1, and what BN recalibration did to the accuracy right after removal."""
+    lines = []
+    st = (reg or {}).get("status") or {}
+    ratios = [v for v in (st.get("mag_ratio") or {}).values() if v is not None]
+    pred = st.get("predicted") or {}
+    if ratios:
+        lines.append(f"GReg kept/pruned magnitude ratio at removal: min {min(ratios):.3g} over {len(ratios)} layers "
+                     f"(schedule predicts {pred.get('predicted_ratio', float('nan')):.3g}, integrated decay "
+                     f"{pred.get('integrated_decay', float('nan')):.2f}; growth stopped by {st.get('stop_reason')})")
+    if st.get("overlap_l1"):
+        ov = list(st["overlap_l1"].values())
+        lines.append(f"GReg-2 picks shared with L1's: {100 * sum(ov) / len(ov):.1f}% on average over {len(ov)} layers")
+    b, a = res.get("pruned_before_recal"), res.get("pruned_before_ft")
+    if b and a and a.get("bn_recal_batches"):
+        lines.append(f"BN recalibration ({a['bn_recal_batches']} batches): top-1 right after removal "
+                     f"{b['top1']:.2f}% -> {a['top1']:.2f}%")
+    return lines
 
 
 def _report(o: JobOptions, run: RunDir, dense: nn.Module, pruned: nn.Module, x: torch.Tensor, bundle: DataBundle,
@@ -569,6 +632,8 @@ def _report(o: JobOptions, run: RunDir, dense: nn.Module, pruned: nn.Module, x: 
                                    "ONNX Runtime CPU batch 1": ort1})
     if ort_note:
         table += "\n" + ort_note
+    for line in _greg_lines(res.get("regularize"), res):
+        table += "\n" + line
     ver = res.get("verification")
     if ver:
         table += (f"\nverified: the pruned model equals the dense one with the removed channels zeroed "
@@ -581,6 +646,7 @@ def _report(o: JobOptions, run: RunDir, dense: nn.Module, pruned: nn.Module, x: 
                           "onnxruntime_b1": ort1.to_dict() if ort1 is not None else None,
                           "onnxruntime_note": ort_note or None},
               "pruned_before_finetune": res.get("pruned_before_ft"), "best_top1": res.get("best_top1"),
+              "pruned_before_bn_recal": res.get("pruned_before_recal"),
               "plan": res.get("plan"), "regularize": res.get("regularize"),
               "verification": res.get("verification")}
     if E.is_main():

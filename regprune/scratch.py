@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,108 +14,163 @@ import torch
 from . import engine as E
 from .counting import count_macs
 from .errors import UserError
-from .methods.spm import SPMRegularizer, insert_gates, reconfigure
+from .methods.spm import REF_DENSE_GMACS, REF_SHARE_SUM, SPMRegularizer, insert_gates
 from .pipeline import (JobOptions, RunDir, _data, _eval, _loaders, _plots, _train_config, example_input, new_model,
                        summary_row)
+from .reconfigure import reconfigure
 from .report import compare_latency, format_table, plot_lines
 from .surgery import save_model
 
-__all__ = ["scratch_job", "scratch_dry_run", "spm_settings"]
-
-# Small networks (tens of MMACs) make the paper's GMAC-scaled loss vanish: there the MACs gap is measured as a
-# fraction of dense MACs, with a stronger weight and slower gates (see the README's design notes).
-_SMALL_NET_MACS = 1e9
-
+__all__ = ["scratch_job", "scratch_dry_run", "spm_settings", "snap_to_budget", "SnapResult", "cut_shares"]
 
 def spm_settings(dense_macs: int, epochs: float, extra: dict[str, Any]) -> dict[str, Any]:
-    """Loss weights, normalisation and S_max for a run, from the user's settings and the network's size."""
-    small = dense_macs < _SMALL_NET_MACS
-    mac_norm = extra.get("mac_norm") or ("dense" if small else "unit")
+    """Loss weights, MACs scale, warm-up, S_max and snap for a run, from the user's settings.
+
+    Defaults and their sources: alpha_nuc 0.001 and alpha_mac 0.5 (paper / official train.sh); mac_norm
+    "matched" (the paper's MACs push relative to the task gradient at any network size, see
+    `SPMRegularizer.mac_scale`); gates at the network's learning rate (official optimizer: one lr for all);
+    warm-up 8/90 of the epochs (official train.sh: 8 of 90) unless `warmup_epochs` is given; search 65/90 of the
+    epochs (official S_max 65); tie_spread 0.5 (gates of a group leave one by one, weakest weight first); budget
+    snap at S_max off (the paper has none). `dense_macs` (per-sample MACs) is unused and kept for callers."""
+    del dense_macs
     s = {
         "alpha_nuc": float(extra.get("alpha_nuc", 1e-3)),
-        "alpha_mac": float(extra.get("alpha_mac", 20.0 if mac_norm == "dense" else 0.5)),
+        "alpha_mac": float(extra.get("alpha_mac", 0.5)),
         "nuc_every": int(extra.get("nuc_every", 1)),
         "mac_grad_inputs": bool(extra.get("mac_grad_inputs", False)),
-        "mac_norm": mac_norm,
-        "gate_lr_scale": float(extra.get("gate_lr_scale", 0.1 if mac_norm == "dense" else 1.0)),
+        "mac_norm": extra.get("mac_norm") or "matched",
+        "gate_lr_scale": float(extra.get("gate_lr_scale", 1.0)),
+        "tie_spread": float(extra.get("tie_spread", 0.5)),
+        "warmup_epochs": float(extra["warmup_epochs"]) if extra.get("warmup_epochs") is not None else epochs * 8 / 90,
         # the paper searches 65 of 90 epochs
         "search_epochs": float(extra.get("search_epochs", epochs * 65 / 90)),
-        "exact_budget": bool(extra.get("exact_budget", True)),
+        "exact_budget": bool(extra.get("exact_budget", False)),
+        "snap_floor": float(extra.get("snap_floor", 0.1)),
     }
     if not (0 < s["search_epochs"] <= epochs):
         raise UserError(f"--search-epochs {s['search_epochs']:g} must lie in (0, --epochs {epochs:g}]")
+    if not (0 <= s["warmup_epochs"] <= epochs):
+        raise UserError(f"--warmup-epochs {s['warmup_epochs']:g} must lie in [0, --epochs {epochs:g}]")
+    if not (0 <= s["snap_floor"] < 1):
+        raise UserError(f"--snap-floor {s['snap_floor']:g}: expected a kept fraction of each group in [0, 1)")
     return s
 
 
-def snap_to_budget(reg: SPMRegularizer, tol: float = 0.01) -> tuple[float, float]:
-    """Flip the gates nearest the threshold until the hard MACs sit within `tol` of the budget (before freezing).
+def describe_scale(reg: SPMRegularizer) -> str:
+    """One line: the MACs loss's scale and its push on an average gate at the start (all gates on)."""
+    n = sum(reg.gates.groups[r].channels for r in reg.gates.roots)
+    push = 2 * reg.mac_scale * (1 - reg.target_macs) * reg._share_sum / max(n, 1)
+    return (f"MACs loss: {reg.mac_scale:.4g} x (MACs fraction - {reg.target_macs:g})^2 ({reg.mac_norm} scale: "
+            f"alpha_mac {reg.alpha_mac:g} x {REF_DENSE_GMACS:g}^2 GMACs^2 x S_ref {REF_SHARE_SUM:g} / S "
+            f"{reg._share_sum:.4f}); total push on the {n} gates at the start {2 * reg.mac_scale * (1 - reg.target_macs) * reg._share_sum:.3g}"
+            f" (mean {push:.3g} per gate); tie-break spread {reg.tie_spread:g}") if reg.mac_norm == "matched" else (
+            f"MACs loss: {reg.mac_scale:.4g} x (MACs fraction - {reg.target_macs:g})^2 ({reg.mac_norm} scale); mean push "
+            f"per gate at the start {push:.3g}; tie-break spread {reg.tie_spread:g}")
 
-    The search only pulls MACs toward the budget through a soft penalty, so where S_max falls the network can
-    sit a few percent off; this moves the least decided channels (weights closest to 0.5) and returns the
-    MACs fraction before and after.
-    """
+
+@dataclass
+class SnapResult:
+    """What the budget snap at S_max did: MACs fractions before/after, gates moved, flips undone."""
+
+    before: float
+    after: float
+    flips: int = 0
+    undone: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"before": self.before, "after": self.after, "flips": self.flips, "undone": self.undone}
+
+
+def snap_to_budget(reg: SPMRegularizer, tol: float = 0.01, floor: float = 0.1) -> SnapResult:
+    """Move gates until the hard MACs sit within `tol` (relative) of the budget; called before freezing.
+
+    Not in the paper (off by default). Channels are moved in order of an importance score, the gated channel's
+    weight magnitude relative to its group (`SPMRegularizer.channel_importance` / its mean): above the budget the
+    least important channel that is on goes off, below it the most important that is off comes back. A group never
+    goes below `floor` of its channels (nor below what the search left it, nor below its gate's `min_on`). Each
+    channel moves at most once; a move that jumps over the whole tolerance window is undone, so the loop ends.
+    Block-periodic (grouped-conv) gates are left to the search."""
     dense, target = reg.dense_macs, reg.target_macs
-    before = reg.current_macs() / dense
-    gates = {r: reg.gates.gate(r) for r in reg.gates.roots}
-    thr = {r: g.threshold if hasattr(g, "threshold") else 0.5 for r, g in gates.items()}
-    # one direction only: flipping back and forth around a band narrower than one channel's MACs never ends
-    turn_off = before > target
-    previous: tuple[float, str, int, float] | None = None  # (fraction, root, index, old weight) of the last flip
-    frac = before
-    for _ in range(100_000):
-        if abs(frac - target) <= tol * target or (frac <= target if turn_off else frac >= target):
-            break
+    before = frac = reg.current_macs() / dense
+    gates = {r: reg.gates.gate(r) for r in reg.gates.roots if reg.gates.gate(r).repeat == 1}
+    score = {}
+    for r in gates:
+        imp = reg.channel_importance(r).cpu()
+        score[r] = imp / imp.mean().clamp_min(1e-12)
+    minimum = {r: max(getattr(g, "min_on", 1), math.ceil(floor * g.channels)) for r, g in gates.items()}
+    used: dict[str, set[int]] = {r: set() for r in gates}
+    res = SnapResult(before, before)
+    while abs(frac - target) > tol * target:
+        turn_off = frac > target
         best = None
         for r, g in gates.items():
-            w = g.weight.detach()
-            on = g.hard().to(w.device).bool()
-            if g.weight.numel() != on.numel():  # block-periodic gates: leave them to the search
+            on = g.hard().cpu().bool()
+            if turn_off and int(on.sum()) <= minimum[r]:
                 continue
-            cand = on if turn_off else ~on
-            if turn_off and int(on.sum()) <= max(1, getattr(g, "min_on", 1)):
-                continue
+            cand = (on if turn_off else ~on).clone()
+            for i in used[r]:
+                cand[i] = False
             if not bool(cand.any()):
                 continue
-            dist = (w - thr[r]).abs().masked_fill(~cand, float("inf"))
-            i = int(dist.argmin())
-            if best is None or float(dist[i]) < best[0]:
-                best = (float(dist[i]), r, i)
+            sc = score[r] if turn_off else -score[r]
+            i = int(sc.masked_fill(~cand, float("inf")).argmin())
+            if best is None or float(sc[i]) < best[0]:
+                best = (float(sc[i]), r, i)
         if best is None:
             break
         _, r, i = best
-        previous = (frac, r, i, float(gates[r].weight.detach()[i]))
+        used[r].add(i)
+        g = gates[r]
         with torch.no_grad():
-            gates[r].weight[i] = thr[r] - 0.01 if turn_off else thr[r] + 0.01
-        frac = reg.current_macs() / dense
-    if previous is not None and abs(previous[0] - target) < abs(frac - target):
-        _, r, i, w_old = previous  # the last flip overshot by more than it gained: undo it
-        with torch.no_grad():
-            gates[r].weight[i] = w_old
-    return before, reg.current_macs() / dense
+            old = float(g.weight[i])
+            g.weight[i] = g.threshold - 0.01 if turn_off else g.threshold + 0.01
+        new = reg.current_macs() / dense
+        if (new - target) * (frac - target) < 0 and abs(new - target) > tol * target:
+            with torch.no_grad():
+                g.weight[i] = old
+            res.undone += 1
+            continue
+        res.flips += 1
+        frac = new
+    res.after = frac
+    return res
+
+
+def cut_shares(search_end: float, final: float) -> dict[str, float]:
+    """How much of the MACs cut (1 - final fraction) the search did and how much the snap did (fractions of it)."""
+    cut = 1.0 - final
+    if cut <= 0:
+        return {"search": 1.0, "snap": 0.0}
+    return {"search": (1.0 - search_end) / cut, "snap": (search_end - final) / cut}
 
 
 class _Monitor:
     """Logs the gated network's MACs each epoch (and freezes the gates at S_max, fractional epochs included)."""
 
-    def __init__(self, reg: SPMRegularizer, search_epochs: float, exact_budget: bool = True) -> None:
+    def __init__(self, reg: SPMRegularizer, search_epochs: float, exact_budget: bool = False,
+                 snap_floor: float = 0.1) -> None:
         self.reg = reg
         self.search_epochs = search_epochs
         self.exact_budget = exact_budget
-        self.snapped: tuple[float, float] | None = None
+        self.snap_floor = snap_floor
+        self.search_end: float | None = None  # MACs fraction where the search stopped (before any snap)
+        self.snap: SnapResult | None = None
 
     def freeze(self, trainer) -> None:
-        """S_max: optionally bring the hard MACs to the budget, then fix the gates and turn the losses off."""
+        """S_max: record where the search ended, optionally snap to the budget, then fix the gates, losses off."""
+        self.search_end = self.reg.current_macs() / self.reg.dense_macs
         if self.exact_budget:
-            self.snapped = snap_to_budget(self.reg)
+            self.snap = snap_to_budget(self.reg, floor=self.snap_floor)
         self.reg.freeze()
         trainer.log({"event": "gates frozen", "macs_fraction": self.reg.current_macs() / self.reg.dense_macs,
-                     "search_macs_fraction": self.snapped[0] if self.snapped else None})
+                     "search_macs_fraction": self.search_end, "snap": self.snap.to_dict() if self.snap else None})
 
     def state_dict(self) -> dict:
-        return {"snapped": list(self.snapped) if self.snapped else None}
+        return {"search_end": self.search_end, "snap": self.snap.to_dict() if self.snap else None}
 
     def load_state_dict(self, state: dict) -> None:
-        self.snapped = tuple(state["snapped"]) if state.get("snapped") else None
+        self.search_end = state.get("search_end")
+        self.snap = SnapResult(**state["snap"]) if state.get("snap") else None
 
     def on_step_end(self, trainer) -> None:
         if not self.reg.frozen and trainer.epoch_float >= self.search_epochs - 1e-9:
@@ -140,6 +197,8 @@ def scratch_dry_run(o: JobOptions, extra: dict[str, Any]) -> int:
     model = create_model(o.model, num_classes=classes, in_channels=ch)
     gates = insert_gates(model, torch.zeros(1, ch, size, size))
     s = spm_settings(gates.graph.total_macs, o.epochs, extra)
+    reg = SPMRegularizer(gates, o.target_macs, alpha_nuc=s["alpha_nuc"], alpha_mac=s["alpha_mac"],
+                         mac_norm=s["mac_norm"], tie_spread=s["tie_spread"])
     shared = sum(1 for r in gates.roots if gates.groups[r].coupled)
     print(f"pruning from scratch: {o.model} on {o.data} (assumed {ch}x{size}x{size}, {classes} classes)")
     print(f"{len(gates.roots)} gated channel groups ({shared} shared across a residual stream: SPM); dense "
@@ -147,9 +206,11 @@ def scratch_dry_run(o: JobOptions, extra: dict[str, Any]) -> int:
           f"{o.target_macs * gates.graph.total_macs / 1e6:.2f} MMACs")
     print(f"losses: alpha_nuc {s['alpha_nuc']:g} (every {s['nuc_every']} steps), alpha_mac {s['alpha_mac']:g} "
           f"({s['mac_norm']} scale), input counts {'differentiable' if s['mac_grad_inputs'] else 'constant'}, "
-          f"gate lr x{s['gate_lr_scale']:g}; at S_max the MACs are {'brought to the budget' if s['exact_budget'] else 'left where the search ended'}")
+          f"gate lr x{s['gate_lr_scale']:g}; at S_max the MACs are "
+          f"{'snapped to the budget by channel importance (floor ' + format(s['snap_floor'], 'g') + ' of each group)' if s['exact_budget'] else 'left where the search ended (no snap, as in the paper)'}")
+    print(describe_scale(reg))
     print(f"schedule: {o.epochs:g} epochs, search (gates learning, losses on) for {s['search_epochs']:g}, then gates "
-          f"frozen; lr {o.lr:g} {o.lr_schedule} with {o.warmup_epochs:g} warm-up epochs, momentum {o.momentum:g}, "
+          f"frozen; lr {o.lr:g} {o.lr_schedule} with {s['warmup_epochs']:g} warm-up epochs, momentum {o.momentum:g}, "
           f"weight decay {o.weight_decay:g}{' (none on BN/bias)' if o.no_wd_bn_bias else ''}, label smoothing "
           f"{o.label_smoothing:g}, batch {o.batch_size}")
     return 0
@@ -166,10 +227,14 @@ def scratch_job(o: JobOptions, run: RunDir, extra: dict[str, Any]) -> dict[str, 
     s = spm_settings(gates.graph.total_macs, o.epochs, extra)
     reg = SPMRegularizer(gates, o.target_macs, alpha_nuc=s["alpha_nuc"], alpha_mac=s["alpha_mac"],
                          nuc_every=s["nuc_every"], mac_grad_inputs=s["mac_grad_inputs"], mac_norm=s["mac_norm"],
-                         gate_lr_scale=s["gate_lr_scale"])
+                         gate_lr_scale=s["gate_lr_scale"], tie_spread=s["tie_spread"])
+    s["mac_scale"] = reg.mac_scale
+    s["share_sum"] = reg._share_sum
     run.mark("settings", spm=s)
-    cfg = _train_config(o, epochs=o.epochs, lr=o.lr, schedule=o.lr_schedule, warmup=o.warmup_epochs)
-    monitor = _Monitor(reg, s["search_epochs"], s["exact_budget"])
+    if E.is_main():
+        print(describe_scale(reg), flush=True)
+    cfg = _train_config(o, epochs=o.epochs, lr=o.lr, schedule=o.lr_schedule, warmup=s["warmup_epochs"])
+    monitor = _Monitor(reg, s["search_epochs"], s["exact_budget"], s["snap_floor"])
     trainer = E.Trainer(model, train_loader, test_loader, cfg, run_dir=run.path, phase="scratch",
                         hooks=[reg, monitor], extra_param_groups=reg.param_groups())
     trainer.fit(resume_from=run.checkpoint("scratch"))
@@ -210,7 +275,8 @@ def scratch_job(o: JobOptions, run: RunDir, extra: dict[str, Any]) -> dict[str, 
     report = {"method": "spm", "model": o.model, "data": bundle.name, "rows": rows, "target_macs": o.target_macs,
               "macs_fraction": macs_frac, "macs_gap_vs_target": macs_frac - o.target_macs,
               "reconfig_max_abs_diff": diff, "gated": gated_metrics, "settings": s, "verification": verification,
-              "search_macs_fraction": monitor.snapped[0] if monitor.snapped else None,
+              "search_macs_fraction": monitor.search_end, "snap": monitor.snap.to_dict() if monitor.snap else None,
+              "cut_shares": cut_shares(monitor.search_end, macs_frac) if monitor.search_end is not None else None,
               "latency_speedup_b1": lat["dense"] / lat["pruned"], "latency_verdict_b1": lat.verdict().text(),
               "latency": {"cpu_b1": lat.to_dict()}}
     if E.is_main():
@@ -222,8 +288,11 @@ def scratch_job(o: JobOptions, run: RunDir, extra: dict[str, Any]) -> dict[str, 
             plot_lines(run.path / "plots" / "macs.png",
                        {"gated network": ([r["epoch"] for r in recs], [100 * r["macs_fraction"] for r in recs])},
                        "epoch", "MACs (% of dense)", "MACs over the search", hline=100 * o.target_macs)
-    snap = (f" (the search ended at {100 * monitor.snapped[0]:.1f}%; the gates nearest the threshold were moved to "
-            f"meet the budget)" if monitor.snapped and abs(monitor.snapped[0] - monitor.snapped[1]) > 1e-9 else "")
+    shares = report["cut_shares"]
+    snap = (f" (the search ended at {100 * monitor.search_end:.1f}% of dense MACs"
+            + (f"; of the cut, the search did {100 * shares['search']:.0f}% and the budget snap "
+               f"{100 * shares['snap']:.0f}%" if monitor.snap else "; no budget snap") + ")"
+            if monitor.search_end is not None else "")
     text = (f"{table}\nMACs {100 * macs_frac:.1f}% of dense (target {100 * o.target_macs:.1f}%){snap}, "
             f"reconfiguration max |diff| {diff:.2e} (verified: {bool(verification)}), gated top-1 {gated_metrics['top1']:.2f} -> reconfigured "
             f"{final['top1']:.2f}; run in {run.path}")

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UserError
+from .io import atomic_path
 from .graph import GroupGraph, analyze, trial_graph
 from .verify import Mismatch, ModelSnapshot, Verification, consumer_columns, group_safety, verify_outputs, zero_consumers
 from .methods.base import Picks
@@ -116,14 +117,10 @@ def check_periodic(graph: GroupGraph, root: str, idxs: list[int]) -> None:
 
 
 def periodic_picks(graph: GroupGraph, root: str, scores: torch.Tensor, k: int) -> list[int]:
-    """The k lowest-scored channels, respecting grouped-conv blocks (scores summed per block position)."""
-    g = graph.groups[root]
-    if g.ch_groups <= 1:
-        return sorted(torch.argsort(scores)[:k].tolist())
-    block = g.channels // g.ch_groups
-    per_pos = scores.view(g.ch_groups, block).sum(0)
-    rel = torch.argsort(per_pos)[: k // g.ch_groups].tolist()
-    return sorted(b * block + r for b in range(g.ch_groups) for r in rel)
+    """The k lowest-scored channels of `root`'s group, respecting grouped-conv blocks (`methods.l1.pick_channels`)."""
+    from .methods.l1 import pick_channels
+
+    return pick_channels(scores, k, "min", blocks=graph.groups[root].ch_groups)
 
 
 @torch.no_grad()
@@ -187,14 +184,8 @@ def save_model(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any] |
             state[k] = v.clone()
         seen[v.data_ptr()] = k
     header = {"regprune": json.dumps(describe(model)), "meta": json.dumps(meta or {})}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=header)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

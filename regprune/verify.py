@@ -303,20 +303,27 @@ def consumer_columns(graph, picks: dict[str, list[int]]) -> list[tuple[str, list
     """(layer name, input-channel indices) of every layer that reads a removed channel, from the pre-surgery
     dependency graph (indices already mapped through concat, split and flatten)."""
     out = []
-    for root, idxs in picks.items():
-        if not idxs:
+    with graph.mapped_once():  # nothing is cut here: the index mappings are computed once for all picks
+        for root, idxs in picks.items():
+            if idxs:
+                out += _readers(graph, graph.tp_group(root, sorted(set(int(i) for i in idxs))))
+    return out
+
+
+def _readers(graph, group) -> list[tuple[str, list[int]]]:
+    """(layer name, input-channel indices) of the layers in a Torch-Pruning group that read its channels."""
+    out = []
+    for item in group:
+        mod = item.dep.target.module
+        if graph.dg.is_out_channel_pruning_fn(item.dep.handler) or mod not in graph.names:
             continue
-        for item in graph.tp_group(root, sorted(set(int(i) for i in idxs))):
-            mod = item.dep.target.module
-            if graph.dg.is_out_channel_pruning_fn(item.dep.handler) or mod not in graph.names:
-                continue
-            if is_depthwise(mod) or isinstance(mod, nn.modules.batchnorm._BatchNorm):
-                continue  # a depthwise conv's inputs are its outputs: their readers are zeroed instead
-            # conv / linear / shortcut readers get their inputs zeroed; any other reader with a weight matrix is
-            # listed too, and refused by _zero_inputs
-            if (isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd, PadShortcut))
-                    or any(p.dim() >= 2 for p in mod.parameters(recurse=False))):
-                out.append((graph.names[mod], [int(i) for i in item.idxs]))
+        if is_depthwise(mod) or isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            continue  # a depthwise conv's inputs are its outputs: their readers are zeroed instead
+        # conv / linear / shortcut readers get their inputs zeroed; any other reader with a weight matrix is
+        # listed too, and refused by _zero_inputs
+        if (isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd, PadShortcut))
+                or any(p.dim() >= 2 for p in mod.parameters(recurse=False))):
+            out.append((graph.names[mod], [int(i) for i in item.idxs]))
     return out
 
 
@@ -383,9 +390,10 @@ def group_safety(model: nn.Module, example_inputs: Any, graph_factory: Callable,
                  surgery: Callable) -> dict[str, str]:
     """Roots whose removal is not exact, with the reason; the others are safe.
 
-    `graph_factory(model, x)` traces a raw GroupGraph; `surgery(graph, picks)` prunes and verifies, raising
-    Mismatch. All candidate groups are cut together on one copy; a failing set is bisected on fresh copies, so
-    the common case (every group safe) costs one trace and d unsafe groups among n about 2 d log2(n / d).
+    `graph_factory(model, x, roots=[...])` traces a raw GroupGraph with (at least) the groups rooted at those
+    layers; `surgery(graph, picks)` prunes and verifies, raising Mismatch. All candidate groups are cut together
+    on one copy; a failing set is bisected on fresh copies, so the common case (every group safe) costs one trace
+    and d unsafe groups among n about 2 d log2(n / d).
     Cached per architecture, input shapes and candidate set."""
     key = _fingerprint(model, example_inputs) + repr(sorted(roots))
     if key in _CACHE:
@@ -393,14 +401,14 @@ def group_safety(model: nn.Module, example_inputs: Any, graph_factory: Callable,
 
     base = copy.deepcopy(model)
     _sensitise(base)
-    def traced():
+    def traced(subset):
         # a fresh trace per attempt: Torch-Pruning's graph keeps index mappings that an undone surgery can leave
-        # stale (seen on GoogLeNet), so a traced copy is never reused
-        return graph_factory(copy.deepcopy(base), example_inputs)
+        # stale (seen on GoogLeNet), so a traced copy is never reused; it forms the groups cut in this attempt only
+        return graph_factory(copy.deepcopy(base), example_inputs, roots=list(subset))
 
     def attempt(subset: dict[str, list[int]]) -> str | None:
         try:
-            graph = traced()
+            graph = traced(subset)
             missing = [r for r in subset if r not in graph.groups]
             if missing:
                 return f"not found again when the model is traced a second time ({missing[0]})"

@@ -225,3 +225,27 @@ def test_unknown_criterion_is_a_user_error() -> None:
 
     with pytest.raises(UserError, match="criterion"):
         prune(model, torch.randn(1, 1, 28, 28), speedup=2.0, criterion="l2")
+
+
+def test_methods_layer_stays_small_and_below_the_surgery_layer() -> None:
+    """regprune/methods/: modules of at most ~400 lines that import neither the surgery layer nor the front ends
+    (at module level), and import no private name from another module."""
+    import ast
+    from pathlib import Path
+
+    import regprune.methods
+
+    upper = {"surgery", "api", "pipeline", "scratch", "cli", "reconfigure", "gate_regularizer", "integrations"}
+    for path in sorted(Path(regprune.methods.__file__).parent.glob("*.py")):
+        text = path.read_text()
+        assert len(text.splitlines()) <= 410, f"{path.name} has {len(text.splitlines())} lines"
+        tree = ast.parse(text)
+        for node in tree.body:  # module level only: a lazy import inside a function is allowed
+            if isinstance(node, ast.ImportFrom):
+                mod = (node.module or "").split(".")
+                assert not (node.level >= 2 and mod[0] in upper), f"{path.name} imports regprune.{node.module}"
+                assert not (node.module or "").startswith(tuple(f"regprune.{u}" for u in upper)), path.name
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level >= 1:
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{path.name} imports {private} from {node.module}"

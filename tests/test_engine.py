@@ -146,6 +146,52 @@ def test_trainer_applies_step_schedule_per_epoch():
     assert [lr for e, lr in seen if e == 2] == [0.1] * 10
 
 
+def test_rates_go_through_a_lambdalr_per_step_and_resume_at_the_same_rate(tmp_path):
+    from torch.optim.lr_scheduler import LambdaLR
+
+    train, _ = loaders()  # 10 batches per epoch
+    model = make_model()
+    seen = []
+
+    class Spy:
+        def on_step_start(self, trainer):
+            seen.append((trainer.lr, [g["lr"] for g in trainer.optimizer.param_groups]))
+
+    class StopAt7(Spy):
+        def should_stop(self, trainer):
+            return trainer.step == 7
+
+    config = cfg(epochs=2, lr=0.2, lr_schedule="cosine", warmup_epochs=0.5)
+    t = Trainer(model, train, None, config, run_dir=tmp_path, hooks=[StopAt7()],
+                extra_param_groups=[{"params": [model.fc.weight], "lr_scale": 0.1}])
+    t.fit()
+    assert isinstance(t.lr_scheduler, LambdaLR) and t.lr_scheduler.last_epoch == 7
+    sched = parse_lr_schedule("cosine", lr=0.2, total_epochs=2, warmup_epochs=0.5)
+    want = [sched(i // 10 + (i % 10) / 10 + 0.5 / 10) for i in range(20)]  # mid-step epochs
+    assert [lr for lr, _ in seen] == want[:7]
+    assert all(groups == [lr, lr * 0.1] for lr, groups in seen)
+    # a new trainer resuming the checkpoint continues the same per-step rates
+    model2 = make_model()
+    t2 = Trainer(model2, train, None, cfg(epochs=2, lr=0.2, lr_schedule="cosine", warmup_epochs=0.5),
+                 run_dir=tmp_path, hooks=[Spy()], extra_param_groups=[{"params": [model2.fc.weight], "lr_scale": 0.1}])
+    t2.fit(resume_from=tmp_path / "checkpoints" / "train.pt")
+    assert [lr for lr, _ in seen[7:]] == want[7:] and t2.step == 20
+
+
+def test_build_lr_scheduler_uses_lr_scale_as_base_rate():
+    from regprune.engine import build_lr_scheduler
+
+    w, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [w]}, {"params": [b], "lr_scale": 0.5}], lr=1.0)
+    sched = build_lr_scheduler(opt, parse_lr_schedule("0:0.4,1:0.2"), steps_per_epoch=4, position=3)
+    assert [g["lr"] for g in opt.param_groups] == [0.4, 0.2]
+    opt.step()
+    sched.step()
+    assert [g["lr"] for g in opt.param_groups] == [0.2, 0.1] and sched.last_epoch == 4
+    with pytest.raises(ValueError):
+        build_lr_scheduler(opt, parse_lr_schedule("constant"), steps_per_epoch=0)
+
+
 # ---------------------------------------------------------------- parameter groups
 def test_no_wd_groups_for_norm_params_and_biases():
     model = make_model()
@@ -569,6 +615,37 @@ def test_atomic_helpers_and_unreadable_files(tmp_path):
         safe_load(tmp_path / "junk.pt")
     with pytest.raises(UserError, match="does not exist"):
         safe_load(tmp_path / "missing.pt")
+
+
+def test_atomic_path_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    from regprune.io import atomic_path
+
+    target = tmp_path / "model.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("writer crashed")
+    with pytest.raises(FileNotFoundError):
+        with atomic_path(target):
+            pass  # the writer wrote nothing
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["model.bin"]
+    with atomic_path(target) as tmp:
+        assert tmp.name == "model.bin" and tmp.parent != tmp_path
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["model.bin"]
+
+
+def test_torchrun_env_is_read_in_one_place(monkeypatch):
+    from regprune.engine import get_local_rank, init_distributed, torchrun_env
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert torchrun_env() == (None, None, 0) and init_distributed() == (0, 1, 0) and get_local_rank() == 0
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert torchrun_env() == (0, 1, 0) and init_distributed() == (0, 1, 0)
 
 
 def test_unsafe_hook_state_is_rejected_at_save_time(tmp_path):

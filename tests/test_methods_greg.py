@@ -377,19 +377,59 @@ def test_unstructured_penalises_per_weight_and_masks_hold() -> None:
 
 @pytest.mark.parametrize("method", ["greg1", "greg2"])
 @pytest.mark.parametrize("budget", [300, 2000, 20000, 110010, 1_000_000])
-def test_scaled_fits_budget_and_keeps_ceilings(method: str, budget: int) -> None:
+@pytest.mark.parametrize("lr,momentum", [(0.001, 0.9), (0.01, 0.9), (0.01, 0.0)])
+def test_scaled_fits_budget_reaches_ratio_and_stays_stable(method: str, budget: int, lr: float, momentum: float) -> None:
     base = GRegConfig()
-    cfg = GRegConfig.scaled(budget, method)
+    cfg = GRegConfig.scaled(budget, method, lr=lr, momentum=momentum)
     plan = cfg.planned_iters(method)
     assert abs(plan["total"] - budget) <= 0.1 * budget
-    assert cfg.reg_upper_limit == base.reg_upper_limit
-    assert cfg.reg_upper_limit_pick == base.reg_upper_limit_pick
     assert cfg.reg_granularity_recover == base.reg_granularity_recover
     paper = base.planned_iters(method)
     assert plan["grow"] / plan["stabilize"] == pytest.approx(paper["grow"] / paper["stabilize"], rel=0.1)
     if method == "greg2":
         assert plan["pick"] / plan["grow"] == pytest.approx(paper["pick"] / paper["grow"], rel=0.1)
     assert plan["grow"] // cfg.update_reg_interval >= min(100, budget // 20)
+
+    pred = cfg.predict(method)
+    bound = (1 - momentum ** 0.5) ** 2
+    assert pred["stability_bound"] == pytest.approx(bound)
+    # lambda never drives lr * lambda past the bound where SGD with momentum starts to ring
+    assert lr * cfg.predict(method)["lr_lambda_max"] / lr <= bound * (1 + 1e-6)
+    # the paper's ceiling is kept where it is stable and enough, raised only as far as the budget needs
+    assert cfg.reg_upper_limit >= min(base.reg_upper_limit, bound / lr) * 0.98
+    # the predicted integrated decay is sum(lr * lambda_t / (1 - m)) over the steps, checked by brute force
+    per = lr / (1 - momentum)
+    if budget <= 20000:  # simulated step by step on the shorter budgets
+        reg = GReg([PruneTarget("fc", nn.Linear(4, 8), 4)], cfg, method=method)
+        total = recover = 0.0
+        while not reg.done():
+            phase = reg.phase
+            lam = reg.lambdas()["fc"]  # the penalty this step's gradient gets
+            if phase != "pick":
+                total += per * float(lam.max())
+                recover += per * float(lam.min()) if method == "greg2" else 0.0
+            reg.on_step_end()
+        assert pred["integrated_decay"] == pytest.approx(total - recover, rel=0.05)
+    short = budget * per < 2.6  # at most about 0.05 nepers per step: ratio 1000 needs ~130 ideal steps
+    if not short and bound / lr * per * budget > 20:
+        assert pred["reaches"], pred["warning"]
+        assert pred["integrated_decay"] >= math.log(cfg.mag_ratio_limit)
+    if method == "greg2":
+        # the uniform pick penalty integrates what the paper's does before picking (about 0.5), unless unstable
+        assert GRegConfig().predict("greg2")["pick_decay"] == pytest.approx(0.4995, rel=1e-3)
+        if bound / lr / 2 * per * plan["pick"] / 2 > 0.5:
+            assert pred["pick_decay"] == pytest.approx(0.4995, rel=0.05)
+
+
+def test_short_budget_warns_with_the_iterations_it_needs() -> None:
+    cfg = GRegConfig.scaled(100, "greg1", lr=0.001, momentum=0.9)
+    pred = cfg.predict("greg1")
+    assert not pred["reaches"] and "iterations" in pred["warning"]
+    paper = GRegConfig().predict("greg1")
+    assert paper["reaches"] and paper["integrated_decay"] > 300  # several hundred in the paper's CIFAR schedule
+    assert paper["lr_lambda_max"] == pytest.approx(0.001 * 1.0, rel=1e-3)
+    ringing = GRegConfig(lr_prune=0.01).predict("greg1")  # the paper's ceiling at 10x the lr rings
+    assert not ringing["reaches"] and "stability bound" in ringing["warning"]
 
 
 def test_scaled_run_finishes_at_planned_iteration() -> None:

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from regprune import UserError, create_model
 from regprune.counting import count_macs
-from regprune.methods.spm import GATES_ATTR, ChannelGate, GateSet, SPMRegularizer, insert_gates, reconfigure
+from regprune.methods.spm import GATES_ATTR, ChannelGate, GateSet, SPMRegularizer, insert_gates
+from regprune.reconfigure import reconfigure
 from regprune.models.cifar import PadShortcut
 from helpers import randomise_bn
 
@@ -94,20 +95,46 @@ def test_shared_gate_per_residual_stream(r20_input):
     model, gates = _r20(r20_input)
     stream = gates.groups["layer2.0.conv2"]
     assert stream.coupled
-    sites = gates.sites["layer2.0.conv2"]
-    # every writer of the stage-2 stream (each block's bn2 and the option-A shortcut) is gated ...
-    assert sorted(sites) == ["layer2.0.bn2", "layer2.0.shortcut", "layer2.1.bn2", "layer2.2.bn2"]
+    # the stage-2 stream is gated after each block's add and ReLU (the block's output), as the official code
+    assert gates.placement["layer2.0.conv2"] == [("layer2.0", "output", 1), ("layer2.1", "output", 1),
+                                                 ("layer2.2", "output", 1)]
     assert isinstance(model.get_submodule("layer2.0.shortcut"), PadShortcut)
-    # ... by one and the same gate object
     gate = gates.gate("layer2.0.conv2")
-    for name in sites:
+    for name in gates.sites["layer2.0.conv2"]:
         hooks = list(model.get_submodule(name)._forward_hooks.values())
         assert len(hooks) == 1
         cells = [c.cell_contents for c in hooks[0].__closure__ or ()]
         assert any(c is gate for c in cells)
     assert sum(1 for r in gates.roots if gates.groups[r].coupled) == 3  # one gate per stream, three stages
+    # private gates multiply the ReLU's output: conv2's input
+    assert gates.placement["layer1.0.conv1"] == [("layer1.0.conv2", "input", 1)]
+    # the stem shares the stage-1 stream (identity shortcut): gated after its ReLU, where stage 1 reads it
     stem = gates.groups["conv1"]
     assert "conv1" in stem.writers and "layer1.0.conv2" in stem.writers
+    assert gates.placement["conv1"][0] == ("layer1", "input", 1)
+
+
+def test_torchvision_stem_gets_its_own_gate_after_relu():
+    torch.manual_seed(0)
+    model = create_model("torchvision.resnet50", num_classes=10, in_channels=3)
+    gates = insert_gates(model, torch.randn(1, 3, 64, 64))
+    assert not gates.groups["conv1"].coupled  # layer1.0 has a projection shortcut: the stem is its own group
+    assert gates.placement["conv1"] == [("relu", "output", 1)]  # after the stem's ReLU, before the max-pool
+    assert gates.placement["layer1.0.conv1"] == [("layer1.0.conv2", "input", 1)]
+
+
+def test_off_gate_still_receives_task_gradient(r20_input):
+    model, gates = _r20(r20_input)
+    with torch.no_grad():
+        gates.gate("layer1.0.conv1").weight[:3] = 0.3  # private channels off
+        gates.gate("layer2.0.conv2").weight[:3] = 0.3  # stream channels off
+        gates.gate("conv1").weight[:2] = 0.3  # stem / stage-1 stream channels off
+    model.train()
+    F.cross_entropy(model(r20_input), torch.tensor([0, 1, 2, 3])).backward()
+    for root, n in (("layer1.0.conv1", 3), ("layer2.0.conv2", 3), ("conv1", 2)):
+        g = gates.gate(root).weight.grad
+        assert not bool(gates.gate(root).hard()[:n].any())
+        assert bool((g[:n].abs() > 0).all()), (root, g[:n])  # the channels can come back
 
 
 @pytest.mark.parametrize("name,channels,size", [
@@ -177,8 +204,62 @@ def test_macs_loss_pushes_down_above_budget(r20_input):
     reg = SPMRegularizer(gates, 0.5, alpha_nuc=0.0, mac_norm="dense")
     assert float(reg.soft_macs().detach()) == reg.dense_macs == reg.current_macs()
     # the paper's GMAC units: for a 40 MMAC network the term is tiny
-    paper = SPMRegularizer(gates, 0.5, alpha_nuc=0.0)
+    paper = SPMRegularizer(gates, 0.5, alpha_nuc=0.0, mac_norm="unit")
     assert float(paper.macs_loss().detach()) < 1e-3
+
+
+def _total_push(reg: SPMRegularizer) -> float:
+    for p in reg.gates.parameters():
+        p.grad = None
+    reg.macs_loss().backward()
+    return sum(float(p.grad.sum()) for p in reg.gates.parameters())
+
+
+def test_matched_macs_scale_at_two_network_sizes():
+    from regprune.methods.spm import REF_DENSE_GMACS, REF_SHARE_SUM
+
+    torch.manual_seed(0)
+    small = SPMRegularizer(insert_gates(create_model("resnet20", in_channels=1), torch.zeros(1, 1, 16, 16)), 0.41)
+    big = SPMRegularizer(insert_gates(create_model("torchvision.resnet50", num_classes=10), torch.zeros(1, 3, 64, 64)),
+                         0.41)
+    assert big.dense_macs > 20 * small.dense_macs
+    for reg in (small, big):
+        assert reg.mac_norm == "matched"  # the default
+        s = reg.share_sum()
+        assert reg.mac_scale == pytest.approx(0.5 * REF_DENSE_GMACS ** 2 * REF_SHARE_SUM / s, rel=1e-9)
+        # the total push on the gates at the start is the paper's ResNet-50 push: 2 alpha D_ref^2 S_ref (1 - t)
+        assert _total_push(reg) == pytest.approx(2 * 0.5 * REF_DENSE_GMACS ** 2 * REF_SHARE_SUM * 0.59, rel=1e-3)
+    # ... whatever the size; the paper's GMAC formula would differ by (dense MACs)^2, ~600x here
+    assert _total_push(small) == pytest.approx(_total_push(big), rel=1e-3)
+    unit = SPMRegularizer(big.gates, 0.41, mac_norm="unit")
+    assert unit.mac_scale == pytest.approx(0.5 * (big.dense_macs / 1e9) ** 2)
+    # the reference constants are what the library measures (at 64 px the share sum is within 1% of 224 px)
+    assert big.share_sum() == pytest.approx(REF_SHARE_SUM, rel=0.01)
+
+
+def test_tie_break_orders_a_groups_gates_by_weight_magnitude(r20_input):
+    model, gates = _r20(r20_input)
+    root = "layer1.0.conv1"
+    w = model.get_submodule(root).weight.detach()
+    norms = w.reshape(w.shape[0], -1).norm(dim=1)
+    reg = SPMRegularizer(gates, 0.5, alpha_nuc=0.0)
+    flat = SPMRegularizer(gates, 0.5, alpha_nuc=0.0, tie_spread=0.0)
+    _total_push(reg)
+    g = gates.gate(root).weight.grad.clone()
+    _total_push(flat)
+    g0 = gates.gate(root).weight.grad.clone()
+    assert torch.allclose(g0, g0[0].expand_as(g0))  # the paper's push: all tied
+    assert float(g.sum()) == pytest.approx(float(g0.sum()), rel=1e-5)  # same total push on the group
+    assert int(g.argmax()) == int(norms.argmin()) and int(g.argmin()) == int(norms.argmax())
+    assert float(g.max() / g.min()) == pytest.approx(1.5 / 0.5, rel=1e-4)
+
+
+def test_reconfigure_refuses_a_gated_model_it_cannot_reproduce(r20_input):
+    model, gates = _r20(r20_input)
+    _random_gates(gates)
+    gates.handles[0].remove()  # one gate no longer applied: the gated network is not the one reconfigured
+    with pytest.raises(UserError, match="does not compute"):
+        reconfigure(model, gates, r20_input[:1])
 
 
 def test_macs_input_counts_are_constant_by_default(r20_input):
@@ -188,7 +269,8 @@ def test_macs_input_counts_are_constant_by_default(r20_input):
 
     def grad_of(flag: bool) -> torch.Tensor:
         private.grad = None
-        reg = SPMRegularizer(gates, 0.5, alpha_nuc=0.0, alpha_mac=1.0, mac_norm="dense", mac_grad_inputs=flag)
+        reg = SPMRegularizer(gates, 0.5, alpha_nuc=0.0, alpha_mac=1.0, mac_norm="dense", mac_grad_inputs=flag,
+                             tie_spread=0.0)
         reg.extra_loss().backward()
         return private.grad.clone()
 
@@ -305,7 +387,7 @@ def test_state_dict_round_trip(r20_input):
 
 def test_bad_options(r20_input):
     _, gates = _r20(r20_input)
-    for kw in ({"mac_norm": "gmac"}, {"nuc_every": 0}, {"mac_unit": 0.0}, {"gate_lr_scale": 0.0}):
+    for kw in ({"mac_norm": "gmac"}, {"nuc_every": 0}, {"mac_unit": 0.0}, {"gate_lr_scale": 0.0}, {"tie_spread": 1.0}):
         with pytest.raises(UserError):
             SPMRegularizer(gates, 0.5, **kw)
     with pytest.raises(UserError):
@@ -334,3 +416,98 @@ def test_short_search_reaches_the_budget():
     reg.freeze()
     small = reconfigure(model, reg, x[:1])
     assert count_macs(small, x[:1]) / reg.dense_macs == pytest.approx(fractions[-1], abs=1e-6)
+
+
+class _Tiny(torch.nn.Module):
+    # not an nn.Sequential: the gates' ModuleDict hangs on the model, and a Sequential would run it as a layer
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.BatchNorm2d(16)
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def _tiny() -> _Tiny:
+    torch.manual_seed(0)
+    return _Tiny()
+
+
+def test_regularizer_spm_in_a_plain_loop_prunes_to_a_smaller_verified_model():
+    import regprune
+    from regprune.api import GateRegularizer
+
+    model = _tiny()
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    dense = count_macs(model, x[:1])
+    reg = regprune.regularizer(model, x[:2], method="spm", target_macs=0.5, iters=10, alpha_mac=5.0,
+                               mac_norm="dense", alpha_nuc=0.0)
+    assert isinstance(reg, GateRegularizer) and hasattr(model, GATES_ATTR)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)  # built after: it holds the gates
+    steps = 0
+    while not reg.done():
+        idx = torch.randint(0, 32, (8,))
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        term = reg.extra_loss()
+        if term is not None:
+            loss = loss + term
+        opt.zero_grad()
+        loss.backward()
+        reg.after_backward()
+        opt.step()
+        reg.on_step_end()
+        steps += 1
+    assert steps == 10 and reg.extra_loss() is None
+    assert reg.status()["macs_fraction"] < 1.0 and reg.picks()
+    model.eval()
+    with torch.no_grad():
+        gated = model(x)
+    pruned = reg.prune(optimizer=opt)
+    assert pruned is model and not hasattr(model, GATES_ATTR)
+    assert count_macs(pruned, x[:1]) < dense
+    with torch.no_grad():
+        assert torch.allclose(pruned(x), gated, atol=1e-5, rtol=1e-4)
+    # the optimizer follows the pruned parameters (gates dropped) and keeps training
+    own = {id(p) for p in pruned.parameters()}
+    assert all(id(p) in own for g in opt.param_groups for p in g["params"])
+    pruned.train()
+    F.cross_entropy(pruned(x[:8]), y[:8]).backward()
+    opt.step()
+    with pytest.raises(UserError, match="already pruned"):
+        reg.prune()
+
+
+def test_regularizer_spm_refuses_greg_options_and_leaves_the_model_ungated():
+    import regprune
+
+    model = _tiny()
+    x = torch.randn(2, 1, 8, 8)
+    for kwargs in ({"ratios": "*:0.5"}, {"unstructured": True}, {"speedup": 2.0, "target_macs": 0.5},
+                   {"target_macs": 1.5}, {"bogus": 1}, {"iters": 0}):
+        with pytest.raises(UserError):
+            regprune.regularizer(model, x, method="spm", **kwargs)
+        assert not hasattr(model, GATES_ATTR)
+    reg = regprune.regularizer(model, x, method="spm", speedup=2.0)
+    assert reg.spm.target_macs == pytest.approx(0.5) and not reg.done()
+
+
+def test_every_method_follows_the_protocol(r20_input):
+    import regprune
+    from regprune.methods import GReg, L1Pruner, PruneTarget, PruningMethod
+
+    model = _tiny()
+    x = torch.randn(2, 1, 8, 8)
+    targets = [PruneTarget("conv1", model.conv1, 2), PruneTarget("conv2", model.conv2, 4)]
+    greg_model = copy.deepcopy(model)
+    objs = [GReg(targets), L1Pruner(targets), SPMRegularizer.attach(copy.deepcopy(model), x, 0.5),
+            regprune.regularizer(greg_model, x, "greg1", "*:0.5"),
+            regprune.regularizer(copy.deepcopy(model), x, method="spm", target_macs=0.5)]
+    for obj in objs:
+        assert isinstance(obj, PruningMethod), type(obj).__name__
+        obj.load_state_dict(obj.state_dict())
+        assert isinstance(obj.picks(), dict) and isinstance(obj.done(), bool)
+    assert not isinstance(object(), PruningMethod)

@@ -44,6 +44,13 @@ def test_dry_run_prints_plan_and_schedule():
     out = cli("prune", "--recipe", "recipes/resnet56-cifar10-greg2.yaml", "--dry-run")
     assert "speedup 2.55x" in out.stdout
     assert "pick 10000" in out.stdout and "iterations" in out.stdout
+    assert "predicted: integrated decay" in out.stdout and "pick phase integrates 0.50" in out.stdout
+    # a budget too short for the ratio is said before anything runs, with the iterations it would need
+    short = cli("prune", "--model", "resnet20", "--data", "mnist5k", "--base", "random", "--method", "greg1",
+                "--speedup", "2", "--reg-iters", "100", "--dry-run")
+    assert "warning: the schedule integrates a decay of" in short.stdout and "iterations" in short.stdout
+    unstructured = cli("prune", "--recipe", "recipes/resnet50-imagenet-unstructured-greg1.yaml", "--dry-run")
+    assert "fc" in unstructured.stdout and "layer4.2.conv3" in unstructured.stdout and "conv1" in unstructured.stdout
 
 
 def test_demo_quick_end_to_end(tmp_path):
@@ -81,6 +88,9 @@ def test_l1_prune_command(tmp_path):
     widths = json.loads((tmp_path / "l1" / "widths.json").read_text())
     assert widths["layer1.0.conv1"] == {"dense": 16, "kept": 8}
     assert widths["layer1.0.conv2"] == {"dense": 16, "kept": 16}
+    assert "BN recalibration (100 batches): top-1 right after removal" in out.stdout or \
+        "BN recalibration (" in out.stdout
+    assert report["pruned_before_bn_recal"]["top1"] >= 0 and report["pruned_before_finetune"]["bn_recal_batches"] > 0
 
     # --criterion group reaches the picks: they are the Python API's group picks on the same base
     cli("prune", "--method", "l1", "--criterion", "group", "--model", "resnet20", "--base",

@@ -51,3 +51,96 @@ def test_timm_families_prune_verified_or_refused(name, kw, size, tmp_path):
     path = regprune.save(res.model, tmp_path / "m.safetensors")
     again, _ = regprune.load(path)  # rebuilt by its registry name
     assert torch.allclose(again.eval()(x), res.model.eval()(x), atol=1e-5)
+
+
+def _small_vits():
+    import timm
+    import torchvision
+
+    tv = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
+                                              mlp_dim=128, num_classes=10)
+    tm = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2,
+                                                          num_heads=2, mlp_ratio=4.0, num_classes=10)
+    return [("encoder.layers.encoder_layer_{}.mlp.0", "encoder.layers.encoder_layer_{}.mlp.3", tv),
+            ("blocks.{}.mlp.fc1", "blocks.{}.mlp.fc2", tm)]
+
+
+@pytest.mark.parametrize("case", [0, 1], ids=["torchvision", "timm"])
+def test_vit_mlp_hidden_width_is_block_internal_and_prunes_verified(case):
+    fc1, fc2, m = _small_vits()[case]
+    x = torch.randn(1, 3, 32, 32)
+    g = analyze(m, x)
+    for i in range(2):
+        grp = g.groups[fc1.format(i)]
+        assert grp.kind == "block-internal" and grp.in_scope and grp.channels == 128 and not grp.coupled
+        assert {(mb.name, mb.side) for mb in grp.members if mb.kind == "Linear"} == {(fc1.format(i), "out"),
+                                                                                       (fc2.format(i), "in")}
+    for grp in g.groups.values():  # everything else is refused with a reason (residual stream, heads, output)
+        assert grp.in_scope == (grp.root in {fc1.format(0), fc1.format(1)}) and (grp.in_scope or grp.reason)
+    res = regprune.prune(m, x, ratios="0.5")
+    assert res.verification["verified"] and res.verification["modes"] == ["eval", "train"]
+    pruned = res.model
+    assert pruned.get_submodule(fc1.format(0)).out_features == 64
+    assert pruned.get_submodule(fc2.format(1)).in_features == 64
+    assert pruned.eval()(x).shape == (1, 10)
+
+
+class ChannelShuffle(torch.nn.Module):
+    """ShuffleNetV2's unit: split, a branch on one half, concat, then the view -> transpose -> view shuffle."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.branch = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.head = torch.nn.Conv2d(8, 8, 1)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        a, b = x.chunk(2, dim=1)
+        x = torch.cat([a, torch.relu(self.branch(b))], 1)
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        return self.fc(self.head(x).mean((2, 3)))
+
+
+def test_channel_shuffle_is_refused_with_the_reason():
+    # the tracer cannot map the shuffle's channel permutation: groups through it are refused, never cut unverified
+    m, x = ChannelShuffle(), torch.randn(1, 3, 8, 8)
+    g = analyze(m, x, include_coupled=True)
+    assert g.group_of("stem").unsafe and g.group_of("stem").reason.startswith("unsafe")
+    m = create_model("torchvision.shufflenet_v2_x0_5", num_classes=10)  # here the trace itself fails: say why
+    with pytest.raises(UserError, match="channel shuffle, view -> transpose -> view") as exc:
+        regprune.prune(m, torch.randn(1, 3, 64, 64), speedup=2.0)
+    assert "\n" not in str(exc.value)
+
+
+def test_groups_are_formed_with_index_mappings_computed_once(monkeypatch):
+    import regprune.graph as rg
+
+    calls = []
+    real = rg._tp_update_index_mapping
+    monkeypatch.setattr(rg, "_tp_update_index_mapping", lambda g: (calls.append(1), real(g)))
+    m = create_model("torchvision.resnet18", num_classes=10)
+    g = rg.GroupGraph(m, torch.randn(1, 3, 32, 32), safety=False)
+    assert len(g.groups) > 5 and len(calls) <= 2  # TP's own call in the trace, then one for all groups
+    calls.clear()
+    with g.mapped_once():
+        for root in list(g.groups)[:4]:
+            g.tp_group(root, [0])
+    assert len(calls) == 0  # the widths did not change since: the mappings are reused
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,size", [("torchvision.swin_t", 64), ("torchvision.swin_v2_t", 64),
+                                       ("torchvision.maxvit_t", 224)])
+def test_window_attention_models_are_analysed_fast(name, size):
+    import time
+
+    m = create_model(name, num_classes=10)
+    t0 = time.perf_counter()
+    g = analyze(m, torch.zeros(1, 3, size, size))
+    assert time.perf_counter() - t0 < 60  # minutes per group before the index mappings were bounded
+    mlp = [grp for grp in g.groups.values() if grp.root.endswith(("mlp.0", "mlp_layer.1"))]
+    assert mlp and all(grp.in_scope and grp.kind == "block-internal" for grp in mlp)
+    assert all(grp.in_scope or grp.reason for grp in g.groups.values())

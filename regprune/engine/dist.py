@@ -1,4 +1,8 @@
-"""Thin helpers around torch.distributed for runs launched by torchrun (no-ops otherwise)."""
+"""Thin helpers around torch.distributed for runs launched by torchrun (no-ops otherwise).
+
+`torchrun_env` is the only place the library reads environment variables: RANK, WORLD_SIZE and LOCAL_RANK,
+which torchrun sets for every process it starts.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_distributed", "is_distributed", "get_rank", "get_world_size", "get_local_rank", "is_main",
-           "barrier", "broadcast_object", "all_gather_object", "all_reduce_sum", "all_reduce_mean", "cleanup"]
+__all__ = ["torchrun_env", "init_distributed", "is_distributed", "get_rank", "get_world_size", "get_local_rank",
+           "is_main", "barrier", "broadcast_object", "all_gather_object", "all_reduce_sum", "all_reduce_mean",
+           "cleanup"]
 
 
 def is_distributed() -> bool:
@@ -28,9 +33,25 @@ def get_world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def torchrun_env() -> tuple[int | None, int | None, int]:
+    """(rank, world_size, local_rank) as torchrun describes this process; the only environment read.
+
+    This is torchrun's contract (https://pytorch.org/docs/stable/elastic/run.html): in each process it starts it
+    sets RANK (global rank), WORLD_SIZE (number of processes) and LOCAL_RANK (the process's index on its node).
+    rank and world_size are None when unset (not launched by torchrun); local_rank is 0 when unset.
+
+    Raises:
+        ValueError: one of the variables is set but is not an integer.
+    """
+    env = os.environ
+    rank = int(env["RANK"]) if "RANK" in env else None
+    world_size = int(env["WORLD_SIZE"]) if "WORLD_SIZE" in env else None
+    return rank, world_size, int(env.get("LOCAL_RANK", "0"))
+
+
 def get_local_rank() -> int:
-    """Rank within this node, from torchrun's LOCAL_RANK (0 when absent)."""
-    return int(os.environ.get("LOCAL_RANK", "0"))
+    """Rank within this node, from torchrun's LOCAL_RANK (0 when absent; see `torchrun_env`)."""
+    return torchrun_env()[2]
 
 
 def is_main() -> bool:
@@ -40,11 +61,9 @@ def is_main() -> bool:
 
 def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> tuple[int, int, int]:
     """Join the process group torchrun describes; returns (rank, world_size, local_rank)."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+    rank, world, local_rank = torchrun_env()
+    if rank is None or world is None:
         return 0, 1, 0
-    rank = int(os.environ["RANK"])
-    world = int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world <= 1:
         return rank, 1, local_rank
     if dist.is_initialized():

@@ -12,7 +12,7 @@ import torch
 
 from .checkpoint import atomic_write_text
 
-__all__ = ["MetricsLogger", "Progress", "to_jsonable", "read_metrics", "METRICS_FILE"]
+__all__ = ["MetricsLogger", "Progress", "to_jsonable", "read_metrics", "fmt_value", "epoch_line", "METRICS_FILE"]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -161,3 +161,22 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def fmt_value(value: Any, spec: str) -> str:
+    """`value` formatted with `spec`; "-" for None, str(value) where the spec does not apply."""
+    if value is None:
+        return "-"
+    try:
+        return format(value, spec)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def epoch_line(head: str, rec: dict) -> str:
+    """One console line for an epoch record: `head`, loss, train/test top-1 (%), lr and img/s."""
+    parts = [head, f"loss {fmt_value(rec.get('loss'), '.4f')}", f"acc {fmt_value(rec.get('train_top1'), '.2f')}%"]
+    if "test_top1" in rec:
+        parts.append(f"test top1 {fmt_value(rec['test_top1'], '.2f')}%")
+    parts += [f"lr {fmt_value(rec.get('lr'), '.4g')}", f"{fmt_value(rec.get('img_s'), '.0f')} img/s"]
+    return " | ".join(parts)

@@ -1,13 +1,16 @@
-"""Learning-rate schedules as plain functions of the (fractional) epoch."""
+"""Learning-rate schedules as plain functions of the (fractional) epoch, applied through torch's LambdaLR."""
 
 from __future__ import annotations
 
 import math
 from typing import Callable
 
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
 from ..errors import UserError
 
-__all__ = ["LRSchedule", "parse_lr_schedule", "SCHEDULE_FORMS"]
+__all__ = ["LRSchedule", "parse_lr_schedule", "SCHEDULE_FORMS", "StepLambda", "build_lr_scheduler"]
 
 SCHEDULE_FORMS = "'constant', 'cosine', or per-epoch absolute rates like '0:0.1,100:0.01,150:0.001'"
 
@@ -116,3 +119,44 @@ def parse_lr_schedule(spec: str, *, lr: float = 0.1, total_epochs: float | None 
         return rates[i] * warmup_factor(e)
 
     return LRSchedule("step", step, ",".join(f"{e:g}:{r:g}" for e, r in points) + f", warmup={warm:g}")
+
+
+class StepLambda:
+    """`lr_lambda` for LambdaLR that reads an LRSchedule at the middle of each optimizer step.
+
+    The scheduler's counter is the position in batches, ``epoch * steps_per_epoch + batch_in_epoch``, of the step
+    about to run; the schedule is sampled at ``epoch + (batch_in_epoch + 0.5) / steps_per_epoch`` so warm-up's
+    first step and cosine's last step get a non-zero rate. Returns the absolute rate (see `build_lr_scheduler`).
+    """
+
+    def __init__(self, schedule: LRSchedule, steps_per_epoch: int) -> None:
+        self.schedule = schedule
+        self.steps_per_epoch = int(steps_per_epoch)
+
+    def epoch_at(self, position: int) -> float:
+        """Fractional epoch at the middle of the step at `position` (in batches)."""
+        spe = self.steps_per_epoch
+        return position // spe + (position % spe) / spe + 0.5 / spe
+
+    def __call__(self, position: int) -> float:
+        return self.schedule(self.epoch_at(position))
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, schedule: LRSchedule, steps_per_epoch: int,
+                       position: int = 0) -> LambdaLR:
+    """A per-step LambdaLR that sets every group's rate to ``lr_scale * schedule(mid-step epoch)``.
+
+    LambdaLR multiplies each group's base rate (its ``initial_lr``) by the lambda's value; the lambda here gives
+    the schedule's absolute rate, so the base rate is set to the group's ``lr_scale`` (1.0 when absent). After
+    construction the groups hold the rate of the step at `position` (in batches, see `StepLambda`); call the
+    scheduler's ``step()`` after each optimizer step. The scheduler holds no state beyond `position`, so a resumed
+    run builds a new one at its position instead of storing it in checkpoints.
+
+    Raises:
+        ValueError: `steps_per_epoch` < 1 or `position` < 0.
+    """
+    if steps_per_epoch < 1 or position < 0:
+        raise ValueError(f"need steps_per_epoch >= 1 and position >= 0, got {steps_per_epoch} and {position}")
+    for group in optimizer.param_groups:
+        group["initial_lr"] = float(group.get("lr_scale", 1.0))
+    return LambdaLR(optimizer, StepLambda(schedule, steps_per_epoch), last_epoch=position - 1)

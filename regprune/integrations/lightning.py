@@ -47,7 +47,8 @@ except ImportError as _exc:  # ModuleNotFoundError, or a broken install
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from ..api import Regularizer, _example, regularizer
+from ..api import Regularizer, regularizer
+from ..api import as_example_inputs as _example
 from ..methods.greg import GRegConfig
 from ..methods.spm import GATES_ATTR, SPMRegularizer
 
@@ -478,7 +479,7 @@ class RegPruneCallback(pl.Callback):
 def _spm_reconfigure(model: nn.Module, reg: SPMRegularizer, x: Any) -> dict[str, torch.Tensor]:
     """`methods.spm.reconfigure` after freezing the gates, also returning `optim_state.kept_indices` for the
     optimizers (read on the gate-free dense model just before the removal)."""
-    from ..methods.spm import reconfigure
+    from ..reconfigure import reconfigure
     from ..optim_state import kept_indices
 
     if not reg.frozen:

@@ -11,7 +11,9 @@ import torch.nn as nn
 
 from .base import Picks, PruneTarget
 
-__all__ = ["CRITERIA", "PICK_MODES", "filter_scores", "group_scores", "select_indices", "pick_filters", "L1Pruner"]
+__all__ = ["CRITERIA", "PICK_MODES", "filter_scores", "group_scores", "target_scores", "select_indices",
+           "pick_channels", "pick_filters", "n_units", "unit_scores", "pick_masks", "lowest_mask", "check_targets",
+           "L1Pruner"]
 
 PICK_MODES = ("min", "max", "rand")
 CRITERIA = ("filter", "group")
@@ -69,17 +71,105 @@ def select_indices(
     return torch.sort(order[:n]).values
 
 
-def pick_filters(targets: list[PruneTarget], how: str = "min", seed: int = 0) -> Picks:
-    """For every target, the sorted indices of its `n_remove` filters to remove, chosen by mean |W[n]|."""
+def target_scores(t: PruneTarget, criterion: str = "filter") -> torch.Tensor:
+    """One score per channel of a target, shape [n_filters]: "filter" is the root's mean |W[n]| (Li et al. 2017,
+    the papers' L1); "group" is `group_scores` over the target's `coupled` slices (DepGraph's group L1).
+    Raises ValueError for an unknown criterion."""
+    if criterion == "filter":
+        return filter_scores(t.module)
+    if criterion == "group":
+        return group_scores(t.module, t.coupled)
+    raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+
+
+def pick_channels(scores: torch.Tensor, n: int, how: str = "min", generator: torch.Generator | None = None,
+                  blocks: int = 1) -> list[int]:
+    """The one channel picker every method uses: sorted indices of `n` channels to remove.
+
+    `scores`: shape [C], one per channel (lower = less important). `how`: "min" removes the lowest (the papers'
+    default), "max" the highest, "rand" uniformly random ones (ablations). `blocks` > 1 means the channels pass
+    through a grouped convolution with that many channel blocks of C / blocks channels each: the same positions
+    are removed from every block (scores summed per position), so `n` must be a multiple of `blocks`.
+    Ties resolve by index. Raises ValueError for n outside [0, C), a bad `how`, or n not divisible by blocks."""
+    scores = scores.detach().flatten()
+    c = scores.numel()
+    if not 0 <= n < c:
+        raise ValueError(f"cannot remove {n} of {c} channels (at least one must stay)")
+    if blocks <= 1:
+        return select_indices(scores, n, how, generator).tolist()
+    if c % blocks or n % blocks:
+        raise ValueError(f"{n} of {c} channels cannot be removed evenly from {blocks} grouped-conv channel blocks")
+    size = c // blocks
+    per_pos = scores.view(blocks, size).sum(0)
+    rel = select_indices(per_pos, n // blocks, how, generator).tolist()
+    return sorted(b * size + r for b in range(blocks) for r in rel)
+
+
+def pick_filters(targets: list[PruneTarget], how: str = "min", seed: int = 0, criterion: str = "filter") -> Picks:
+    """For every target, the sorted indices of its `n_remove` channels to remove (see `pick_channels`), scored by
+    `target_scores(t, criterion)` and respecting the target's grouped-conv channel blocks."""
     # One generator across targets so that "rand" picks are reproducible from a single seed.
     gen = torch.Generator().manual_seed(seed)
-    picks: Picks = {}
+    return {t.name: pick_channels(target_scores(t, criterion), t.n_remove, how, gen, t.ch_groups) for t in targets}
+
+
+def n_units(t: PruneTarget, unstructured: bool = False) -> int:
+    """How many prunable units a target has: its filters (output channels), or with `unstructured` its weights."""
+    w = t.module.weight
+    return w.numel() if unstructured else int(w.shape[0])
+
+
+def unit_scores(t: PruneTarget, criterion: str = "filter", unstructured: bool = False) -> torch.Tensor:
+    """One score per prunable unit (lower = less important): `target_scores(t, criterion)`, shape [n_filters], or
+    with `unstructured` every weight's |W| flattened, shape [weight.numel()] (float32)."""
+    if unstructured:
+        return t.module.weight.detach().abs().float().flatten()
+    return target_scores(t, criterion)
+
+
+def _unit_mask(t: PruneTarget, idx: torch.Tensor, unstructured: bool) -> torch.Tensor:
+    mask = torch.zeros(n_units(t, unstructured), dtype=torch.bool, device=t.module.weight.device)
+    mask[idx.to(mask.device)] = True
+    return mask
+
+
+def pick_masks(targets: list[PruneTarget], how: str = "min", seed: int = 0, criterion: str = "filter",
+               unstructured: bool = False) -> dict[str, torch.Tensor]:
+    """`pick_filters` as boolean masks over each target's units (True = removed, shape [n_units(t)], on the weight's
+    device). With `unstructured` the `n_remove` weights are chosen by |W| (one generator seeded by `seed`)."""
+    if not unstructured:
+        picks = pick_filters(targets, how, seed, criterion)
+        return {t.name: _unit_mask(t, torch.tensor(picks[t.name], dtype=torch.long), False) for t in targets}
+    gen = torch.Generator().manual_seed(seed)
+    return {t.name: _unit_mask(t, select_indices(unit_scores(t, criterion, True), t.n_remove, how, gen), True)
+            for t in targets}
+
+
+def lowest_mask(t: PruneTarget, criterion: str = "filter", unstructured: bool = False) -> torch.Tensor:
+    """Boolean mask (True = removed, shape [n_units(t)]) of the target's `n_remove` lowest-scored units now,
+    keeping grouped-conv channel blocks (`pick_channels`)."""
+    scores = unit_scores(t, criterion, unstructured)
+    if unstructured:
+        return _unit_mask(t, select_indices(scores, t.n_remove, "min"), True)
+    picked = pick_channels(scores, t.n_remove, "min", blocks=t.ch_groups)
+    return _unit_mask(t, torch.tensor(picked, dtype=torch.long), False)
+
+
+def check_targets(targets: list[PruneTarget], unstructured: bool = False, coupled: bool = False) -> None:
+    """Raise ValueError unless every target can be scored (TypeError for a layer that is not a Conv/Linear),
+    removes fewer units than it has, and, with `coupled`, every coupled slice has the root's channel count."""
     for t in targets:
-        scores = filter_scores(t.module)
-        if t.n_remove >= scores.numel():
-            raise ValueError(f"{t.name}: n_remove={t.n_remove} would empty a layer of {scores.numel()} filters")
-        picks[t.name] = select_indices(scores, t.n_remove, how, gen).tolist()
-    return picks
+        filter_scores(t.module)  # raises on layers whose filters are not on dim 0
+        n = n_units(t, unstructured)
+        if not 0 <= t.n_remove < n:
+            what = "weights" if unstructured else "filters"
+            raise ValueError(f"{t.name}: n_remove={t.n_remove} must be in [0, {n - 1}] ({n} {what})")
+        if coupled:
+            for pname, p, dim in t.coupled:
+                if p.shape[dim] != t.n_filters:
+                    raise ValueError(
+                        f"{t.name}: coupled {pname} has {p.shape[dim]} channels on dim {dim}, expected {t.n_filters}"
+                    )
 
 
 class L1Pruner:
@@ -102,6 +192,9 @@ class L1Pruner:
     def should_stop(self, trainer: object = None) -> bool:
         """Same as done(): the engine skips straight to surgery."""
         return True
+
+    def on_step_end(self, trainer: object = None) -> None:
+        """Nothing to do: the picks were fixed at construction."""
 
     def state_dict(self) -> dict:
         """The picks, so that a resumed run removes the same filters."""

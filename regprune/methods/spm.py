@@ -1,15 +1,9 @@
-"""Pruning from scratch: channel gates, the Shared Pruning Module, nuclear-norm and MACs regularization.
+"""Pruning from scratch: nuclear-norm and MACs regularization of channel gates (the SPM search).
 
-The search trains a network whose prunable activations are multiplied channel-wise by binary gates
-`m = 1[w > 0.5]` (straight-through gradient to `w`). There is one gate vector per coupled channel group
-(`graph.analyze(..., include_coupled=True)`), so every block that writes into a residual stream shares
-the stream's gate: that is the Shared Pruning Module, and it makes the final reconfiguration exact.
-
-Gates are attached WITHOUT editing the model's source: forward hooks multiply the outputs of each
-group's writers (their BatchNorm when there is one, else the conv/linear itself, and the option-A
-`PadShortcut`) by the group's mask. Gating every writer before the residual add equals gating the
-stream after add+ReLU when the mask is binary, because the stream's input is already zero on the
-off channels (the stem writer is gated too).
+`SPMRegularizer` drives the gates of `regprune.methods.gates` (one binary, straight-through gate vector per
+coupled channel group, hooked after the activations: the Shared Pruning Module) towards a kept fraction of the
+dense MACs, with the paper's nuclear-norm term keeping the gated convolutions' spectrum. When the search is
+over, `regprune.reconfigure.reconfigure` removes the off channels physically and exactly.
 
 Gate parameters live in an `nn.ModuleDict` attached to the model as `model.regprune_gates`, so any
 optimizer built from `model.parameters()` (and DDP) sees them and model checkpoints carry them; the
@@ -18,268 +12,32 @@ weight-decay exclusion is `SPMRegularizer.no_weight_decay_params()`.
 
 from __future__ import annotations
 
-import math
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 
-from ..counting import kept_layer_macs
+from ..counting import channels, is_depthwise, kept_layer_macs
 from ..errors import UserError
-from ..graph import ChannelGroup, GroupGraph, analyze
-from ..models.cifar import PadShortcut
-from ..ratios import estimate_macs
+from ..graph import GroupGraph
+from .base import Picks
+from .gates import GATES_ATTR, ChannelGate, GateSet, insert_gates
 
-__all__ = ["ChannelGate", "GateSet", "insert_gates", "SPMRegularizer", "reconfigure", "GATES_ATTR"]
+__all__ = ["ChannelGate", "GateSet", "insert_gates", "SPMRegularizer", "reconfigure", "reference_scale", "GATES_ATTR",
+           "REF_DENSE_GMACS", "REF_SHARE_SUM"]
 
-GATES_ATTR = "regprune_gates"  # attribute under which the gate ModuleDict hangs on the model
-
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
-
-
-class ChannelGate(nn.Module):
-    """One learnable scalar per channel; the mask is `w > threshold` forward and identity backward.
-
-    `repeat > 1` is for channels that pass through a grouped conv: the gate holds one weight per
-    position inside a channel block and the mask repeats it over the `repeat` blocks, so the kept set
-    is block-periodic as the grouped conv requires. At least `min_on` gate positions are always on
-    (the largest weights), so a group can never be emptied, in the search or at reconfiguration.
-    """
-
-    def __init__(self, channels: int, init: float = 0.6, threshold: float = 0.5, repeat: int = 1,
-                 min_on: int = 1) -> None:
-        super().__init__()
-        if repeat < 1 or channels % repeat:
-            raise ValueError(f"{channels} channels do not split into {repeat} equal blocks")
-        self.channels = channels
-        self.repeat = repeat
-        self.threshold = threshold
-        self.min_on = min_on
-        self.weight = nn.Parameter(torch.full((channels // repeat,), float(init)))
-        self.fixed: torch.Tensor | None = None  # the on/off set once frozen
-
-    def fix(self) -> None:
-        """Freeze the on/off set: the mask no longer follows the weight, whose gradient becomes zero."""
-        self.fixed = self.hard().clone()
-
-    def unfix(self) -> None:
-        """Let the mask follow the weight again."""
-        self.fixed = None
-
-    def hard(self) -> torch.Tensor:
-        """Boolean on/off per gate position (length channels/repeat), with the never-empty guard."""
-        if self.fixed is not None:
-            return self.fixed
-        w = self.weight.detach()
-        on = w > self.threshold
-        short = min(self.min_on, w.numel()) - int(on.sum())
-        if short > 0:
-            top = torch.topk(torch.where(on, torch.full_like(w, -math.inf), w), short).indices
-            on = on.clone()
-            on[top] = True
-        return on
-
-    def channel_hard(self) -> torch.Tensor:
-        """Boolean on/off per channel (the hard mask repeated over grouped-conv blocks)."""
-        return self.hard().repeat(self.repeat)
-
-    def mask(self) -> torch.Tensor:
-        """Float mask per channel: exactly 0/1 forward, d mask / d w = 1 backward (straight-through)."""
-        w = self.weight
-        # hard + (w - w.detach()) is exactly the binary value (w - w == 0), unlike w + (hard - w).detach()
-        ste = w - w.detach()
-        if self.fixed is not None:
-            ste = ste * 0  # still in the graph, so DDP sees a (zero) gradient for every parameter
-        m = self.hard().to(w.dtype) + ste
-        return m.repeat(self.repeat) if self.repeat > 1 else m
-
-    def count(self) -> torch.Tensor:
-        """Soft number of kept channels, sum of the mask (differentiable through the STE)."""
-        return self.mask().sum()
-
-    def forward(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        """`x` multiplied channel-wise (along `dim`) by the mask."""
-        m = self.mask().to(x.dtype)
-        shape = [1] * x.dim()
-        shape[dim] = -1
-        return x * m.view(shape)
-
-    def extra_repr(self) -> str:
-        return f"channels={self.channels}, repeat={self.repeat}, threshold={self.threshold}"
-
-
-def _gate_key(root: str, taken: set[str]) -> str:
-    # ModuleDict keys may not contain dots; keep them readable and unique
-    key = root.replace(".", "_") or "root"
-    base, i = key, 1
-    while key in taken:
-        key, i = f"{base}_{i}", i + 1
-    return key
-
-
-def _gate_sites(graph: GroupGraph, g: ChannelGroup) -> list[tuple[str, int]]:
-    """(module name, channel dim) of the outputs that must be gated so the whole group is masked.
-
-    A norm layer's output is gated (it would turn a zero channel into its shift); a conv/linear only
-    when its output does not go straight into a norm layer of the group (no BN after it); the option-A
-    shortcut always, as it writes the residual stream.
-    """
-    outs = [m for m in g.members if m.side == "out"]
-    norm_mods = {graph.module(m.name) for m in outs if isinstance(graph.module(m.name), _NORMS)}
-    sites: list[tuple[str, int]] = []
-    for m in outs:
-        mod = graph.module(m.name)
-        if isinstance(mod, _NORMS) or isinstance(mod, PadShortcut):
-            sites.append((m.name, 1))
-        elif isinstance(mod, (nn.Conv2d, nn.Linear)):
-            node = graph.dg.module2node.get(mod)
-            nexts = [n.module for n in node.outputs] if node is not None else []
-            if nexts and all(n in norm_mods for n in nexts):
-                continue
-            sites.append((m.name, -1 if isinstance(mod, nn.Linear) else 1))
-    return sites
-
-
-class GateSet:
-    """The gates of one model: one `ChannelGate` per gated channel group, and the hooks applying them."""
-
-    def __init__(self, model: nn.Module, graph: GroupGraph, roots: Sequence[str], init: float = 0.6,
-                 threshold: float = 0.5, attach: bool = True) -> None:
-        self.model = model
-        self.graph = graph
-        self.groups: dict[str, ChannelGroup] = {r: graph.groups[r] for r in roots}
-        self.gates = nn.ModuleDict()
-        self.keys: dict[str, str] = {}
-        self.sites: dict[str, list[str]] = {}
-        self.handles: list = []
-        self.attached = False
-        self.removed = False
-        params = next(iter(model.parameters()), None)
-        for root in roots:
-            g = self.groups[root]
-            gate = ChannelGate(g.channels, init, threshold, repeat=max(1, g.ch_groups))
-            if params is not None:
-                gate = gate.to(device=params.device)
-            key = _gate_key(root, set(self.gates.keys()))
-            self.keys[root] = key
-            self.gates[key] = gate
-            self.sites[root] = []
-            for name, dim in _gate_sites(graph, g):
-                self.sites[root].append(name)
-                self.handles.append(graph.module(name).register_forward_hook(self._hook(gate, dim)))
-        if attach:
-            if hasattr(model, GATES_ATTR):
-                raise UserError(f"the model already carries gates ({GATES_ATTR}); remove them before inserting new ones")
-            model.add_module(GATES_ATTR, self.gates)
-            self.attached = True
-
-    @staticmethod
-    def _hook(gate: ChannelGate, dim: int):
-        def hook(_mod: nn.Module, _inp: Any, out: torch.Tensor) -> torch.Tensor:
-            return gate(out, dim)
-        return hook
-
-    @property
-    def roots(self) -> list[str]:
-        """Group roots that carry a gate, in the graph's order."""
-        return list(self.keys)
-
-    def gate(self, root: str) -> ChannelGate:
-        """The gate of group `root`."""
-        return self.gates[self.keys[root]]
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def parameters(self) -> Iterator[nn.Parameter]:
-        """The gate weights (one tensor per group)."""
-        return iter(self.gates.parameters())
-
-    def hard_masks(self) -> dict[str, torch.Tensor]:
-        """Boolean kept-channel mask per group root (guard applied)."""
-        return {r: self.gate(r).channel_hard() for r in self.keys}
-
-    def removal(self) -> dict[str, int]:
-        """Number of channels off per group root."""
-        return {r: int((~m).sum()) for r, m in self.hard_masks().items()}
-
-    def picks(self) -> dict[str, list[int]]:
-        """Indices of the off channels per group root (what reconfiguration removes)."""
-        return {r: torch.nonzero(~m).flatten().tolist() for r, m in self.hard_masks().items()}
-
-    def kept_widths(self) -> dict[str, int]:
-        """Number of channels on per group root."""
-        return {r: int(m.sum()) for r, m in self.hard_masks().items()}
-
-    def current_macs(self) -> int:
-        """Exact per-sample MACs of the network the current hard gates describe."""
-        if self.removed:
-            raise UserError("these gates were removed from the model; count the reconfigured model instead")
-        return estimate_macs(self.graph, {r: k for r, k in self.removal().items() if k})
-
-    def remove(self) -> None:
-        """Remove the hooks and detach the gate ModuleDict from the model (the model is dense again)."""
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-        if self.attached and getattr(self.model, GATES_ATTR, None) is self.gates:
-            delattr(self.model, GATES_ATTR)
-        self.attached = False
-        self.removed = True
-
-
-def _select_roots(graph: GroupGraph, groups: str | Sequence[str]) -> list[str]:
-    skip = ("network output", "single channel", "unsafe")
-    if groups == "all":
-        return [r for r, g in graph.groups.items() if not g.reason.startswith(skip) and g.channels >= 2]
-    if groups == "scope":
-        return [g.root for g in graph.scope()]
-    if isinstance(groups, str):
-        raise UserError(f"groups={groups!r}: expected 'all', 'scope' or a list of group roots")
-    roots = []
-    for name in groups:
-        g = graph.groups.get(name)
-        if g is None:
-            hits = [x for x in graph.groups.values() if name in x.writers]
-            if not hits:
-                raise UserError(f"{name!r} is not a channel group of this model; see `regprune inspect`")
-            g = hits[0]
-        if g.reason.startswith(skip) or g.channels < 2:
-            raise UserError(f"group {g.root} cannot be gated: {g.reason or 'single channel'}")
-        if g.root not in roots:
-            roots.append(g.root)
-    # model order, whatever order the user wrote
-    return [r for r in graph.groups if r in roots]
-
-
-def _analyze(model: nn.Module, example_inputs: torch.Tensor) -> GroupGraph:
-    # Torch-Pruning's tracer leaves the model in eval mode; a search must go on in the mode it was in
-    return analyze(model, example_inputs, include_coupled=True)  # every module's mode is kept by the graph
-
-
-def insert_gates(model: nn.Module, example_inputs: torch.Tensor, groups: str | Sequence[str] = "all",
-                 init: float = 0.6, threshold: float = 0.5, attach: bool = True) -> GateSet:
-    """Hook one shared gate per channel group into `model` (no source edit); returns the `GateSet`.
-
-    `groups`: "all" (every group but the classifier output and single channels: stem, residual
-    streams, private convs, the paper's setting), "scope" (the graph's default pruning scope), or a
-    list of group roots / writer names. Grouped-conv groups get block-periodic gates.
-    """
-    if hasattr(model, GATES_ATTR):
-        raise UserError(f"the model already carries gates ({GATES_ATTR}); remove them before inserting new ones")
-    graph = _analyze(model, example_inputs)
-    roots = _select_roots(graph, groups)
-    if not roots:
-        raise UserError("no channel group of this model can be gated")
-    return GateSet(model, graph, roots, init=init, threshold=threshold, attach=attach)
+# The paper's setting (official code, ResNet-50 on ImageNet at 224 px): alpha_mac 0.5 on (GMACs - budget)^2.
+# REF_DENSE_GMACS: torchvision ResNet-50's dense GMACs at 224 px; REF_SHARE_SUM: its `SPMRegularizer.share_sum()`
+# with the paper's gates (stem, four shared streams, conv1/conv2 of every bottleneck). Both measured by
+# `regprune.methods.spm.reference_scale()`; the tests recompute them.
+REF_DENSE_GMACS = 4.089
+REF_SHARE_SUM = 0.9995
 
 
 class _Layer:
     """A conv/linear layer's dense MACs and which gated groups feed its output and input channels."""
 
     def __init__(self, name: str, mod: nn.Module, macs: int) -> None:
-        from ..counting import channels, is_depthwise
-
         self.name = name
         self.macs = macs
         self.c_out, self.c_in = channels(mod)
@@ -292,20 +50,23 @@ class SPMRegularizer:
     """Nuclear-norm and MACs regularization of the gates, as a hook object for the training engine.
 
     Engine protocol: `extra_loss(trainer, model, outputs)` returns the term to add to the loss (or
-    None), `no_weight_decay_params()`, `on_step_end(trainer)`, `state_dict()` / `load_state_dict()`.
+    None), `no_weight_decay_params()`, `on_step_end(trainer)`, `state_dict()` / `load_state_dict()`; as every
+    method (`methods.base.PruningMethod`), `done()` (the gates are frozen) and `picks()` (the channels they cut).
     All trainer/model/outputs arguments may be None, so any training loop can call them.
 
     - `target_macs`: kept fraction of dense MACs (0.41 = 41% kept); budget = target * dense MACs.
     - `alpha_nuc` (0.001): weight of mean_l | ||W_l||_* - ||diag(m_l) W_l||_* | over gated convs/linears,
       W detached. `nuc_every=k` adds the term only on every k-th `extra_loss` call, unscaled (scale
       alpha_nuc by k yourself to keep its time-averaged strength).
-    - `alpha_mac` (0.5) and `mac_norm`: "unit" is the paper's `alpha * ((MACs - budget) / mac_unit)^2`
-      with mac_unit=1e9 (GMACs); that is far too weak for CIFAR/MNIST-sized networks (tens of MMACs),
-      where "dense", `alpha * (MACs/dense - target)^2`, reaches the budget. Measured (ResNet-56,
-      MNIST-5k at 14x14, 400 SGD steps, lr 0.1 cosine with 40 warm-up steps, frozen at 70%):
-      alpha_mac=20 with gate_lr_scale=0.1 ended at 0.499 of dense for a 0.5 target and trained well;
-      with gate_lr_scale=1 (alpha 5/20/50) it also landed within 2% but the stage-3 stream collapsed
-      to one channel early (gates flip on the first large task gradients) and accuracy suffered.
+    - `alpha_mac` (0.5, paper / official `--alpha_mac`) and `mac_norm` ("matched"): the loss is
+      `mac_scale * (MACs / dense - target)^2`. "matched" sets `mac_scale = alpha_mac * D_ref^2 * S_ref / S`
+      (see `mac_scale`): the paper's `alpha * (GMACs - budget)^2` on ResNet-50, whose total push on the gates
+      relative to the task gradient is kept at any network size (the GMAC form vanishes on a 40 MMAC network,
+      and a fraction-of-dense form with its own weight pushes far harder than the paper). "unit" is the paper's
+      formula as written (`mac_unit` 1e9: GMACs); "dense" is `alpha_mac * (fraction - target)^2`.
+    - `tie_spread` (0.5): the MACs gradient of each gate is weighted by `tie_weights` (1 +/- tie_spread by the
+      rank of the channel's weight magnitude, mean 1 per group), so the gates of a group, which the MACs loss
+      pushes identically, leave the threshold one at a time, weakest first. 0 gives the paper's uniform push.
     - `mac_grad_inputs` (False): as the authors, each layer's input count is a constant; True makes
       the MACs fully differentiable in both channel counts.
     - `freeze_epoch` / `freeze_after`: freeze the gates once that many epochs have ended
@@ -317,12 +78,15 @@ class SPMRegularizer:
 
     def __init__(self, gates: GateSet, target_macs: float = 0.41, *, alpha_nuc: float = 1e-3,
                  alpha_mac: float = 0.5, nuc_every: int = 1, mac_grad_inputs: bool = False,
-                 mac_norm: str = "unit", mac_unit: float = 1e9, freeze_after: int | None = None,
-                 freeze_epoch: int | None = None, gate_lr_scale: float = 1.0) -> None:
+                 mac_norm: str = "matched", mac_unit: float = 1e9, freeze_after: int | None = None,
+                 freeze_epoch: int | None = None, gate_lr_scale: float = 1.0, tie_spread: float = 0.5) -> None:
         if not (0.0 < target_macs <= 1.0):
             raise UserError(f"MACs target {target_macs:g} out of range: expected a kept fraction in (0, 1]")
-        if mac_norm not in ("unit", "dense"):
-            raise UserError(f"mac_norm={mac_norm!r}: expected 'unit' (MACs / mac_unit) or 'dense' (fraction of dense MACs)")
+        if mac_norm not in ("matched", "unit", "dense"):
+            raise UserError(f"mac_norm={mac_norm!r}: expected 'matched' (the paper's push at any network size), "
+                            "'unit' (MACs / mac_unit) or 'dense' (fraction of dense MACs)")
+        if not (0.0 <= tie_spread < 1.0):
+            raise UserError(f"tie_spread={tie_spread:g}: expected a number in [0, 1)")
         if nuc_every < 1:
             raise UserError(f"nuc_every={nuc_every}: expected a positive integer")
         if mac_unit <= 0:
@@ -348,6 +112,11 @@ class SPMRegularizer:
         self.dense_macs = int(graph.total_macs)
         self.budget = self.target_macs * self.dense_macs
         self._layers = self._layer_table(graph)
+        self.tie_spread = float(tie_spread)
+        self._writer_weights: dict[str, list[str]] = {
+            r: [w for w in gates.groups[r].writers if isinstance(graph.module(w), (nn.Conv2d, nn.Linear))]
+            for r in gates.roots}
+        self.dense_share_sum = self.share_sum()  # S with every gate on; constant
         # convs/linears whose output channels carry a gate: the nuclear-norm terms
         self.nuc_layers: list[tuple[str, str]] = []
         for root in gates.roots:
@@ -372,9 +141,8 @@ class SPMRegularizer:
         return list(layers.values())
 
     # ---- losses -------------------------------------------------------------------------------
-    def soft_macs(self) -> torch.Tensor:
-        """Per-sample MACs as a differentiable function of the gates (equals `current_macs()` in value)."""
-        counts = {r: self.gates.gate(r).count() for r in self.gates.roots}
+    def _macs_of(self, counts: dict[str, Any]) -> torch.Tensor:
+        """Per-sample MACs for the given kept-channel count of every gated group (tensors or numbers)."""
         widths = {r: self.gates.groups[r].channels for r in self.gates.roots}
         total = torch.zeros((), device=self.gates.gate(self.gates.roots[0]).weight.device)
         for lay in self._layers:
@@ -385,14 +153,93 @@ class SPMRegularizer:
             total = total + kept_layer_macs(lay.macs, lay.c_out, lay.c_in, removed_out, removed_in, lay.depthwise)
         return total
 
+    def soft_macs(self) -> torch.Tensor:
+        """Per-sample MACs as a differentiable function of the gates (equals `current_macs()` in value).
+
+        Each gate's share of the MACs gradient is weighted by its tie-break factor (`tie_weights`, mean 1 per
+        group), so the gates of one group do not all get the same push."""
+        counts = {r: self._count(r) for r in self.gates.roots}
+        return self._macs_of(counts)
+
+    def _count(self, root: str) -> torch.Tensor:
+        gate = self.gates.gate(root)
+        m = gate.mask()
+        if self.tie_spread <= 0 or gate.fixed is not None:
+            return m.sum()
+        w = gate.weight
+        r = self.tie_weights(root).to(w.device, w.dtype)
+        # value: the hard count; gradient: r_i per gate position (times the grouped-conv repeat)
+        return gate.hard().to(w.dtype).sum() * gate.repeat + gate.repeat * ((w - w.detach()) * r).sum()
+
+    def channel_importance(self, root: str) -> torch.Tensor:
+        """Weight magnitude of each gate position of group `root` (shape `[channels // repeat]`, no unit): the L2
+        norm of the channel's filter in every conv/linear writing the group, each layer divided by its mean, summed
+        (a grouped-conv gate sums its blocks). Ones where the group has no conv/linear writer."""
+        gate = self.gates.gate(root)
+        total = torch.zeros(gate.weight.numel(), device=gate.weight.device)
+        for name in self._writer_weights.get(root, []):
+            w = self.gates.graph.module(name).weight.detach()
+            norms = w.float().reshape(w.shape[0], -1).norm(dim=1)
+            if norms.numel() != gate.channels:
+                continue
+            norms = norms / norms.mean().clamp_min(1e-12)
+            total = total + norms.reshape(gate.repeat, -1).sum(0).to(total.device)
+        if not bool(total.any()):
+            total = torch.ones_like(total)
+        return total
+
+    def tie_weights(self, root: str) -> torch.Tensor:
+        """Per-gate factor on the MACs gradient of group `root` (shape `[channels // repeat]`, mean 1): from
+        `1 + tie_spread` for the channel of smallest weight magnitude to `1 - tie_spread` for the largest, linear in
+        rank. It breaks the tie between gates that the MACs loss otherwise pushes identically, so a group's gates
+        cross the threshold one by one, weakest first, instead of together."""
+        imp = self.channel_importance(root)
+        n = imp.numel()
+        if n < 2 or self.tie_spread <= 0:
+            return torch.ones_like(imp)
+        rank = torch.empty_like(imp)
+        rank[torch.argsort(imp, stable=True)] = torch.arange(n, dtype=imp.dtype, device=imp.device)
+        return 1 + self.tie_spread * (1 - 2 * rank / (n - 1))
+
+    def share_sum(self) -> float:
+        """S = sum over every gated channel of d(MACs / dense MACs) / d(its gate) with all gates on (no unit).
+
+        The MACs loss's total push on the gates is 2 * scale * (MACs fraction - target) * S; the task loss's total
+        push, sum_i dL/dm_i (its sensitivity to scaling every gated channel at once) does not grow with the number
+        of channels. Matching S-weighted scales therefore matches the push relative to the task gradient.
+        Computed once at construction as `dense_share_sum` (it does not depend on the gates' state)."""
+        widths = {r: self.gates.groups[r].channels for r in self.gates.roots}
+        counts = {r: torch.tensor(float(c), dtype=torch.float64, requires_grad=True) for r, c in widths.items()}
+        macs = self._macs_of(counts)
+        grads = torch.autograd.grad(macs, [counts[r] for r in self.gates.roots], allow_unused=True)
+        total = sum(widths[r] * float(g) for r, g in zip(self.gates.roots, grads) if g is not None)
+        return total / self.dense_macs
+
+    @property
+    def _share_sum(self) -> float:
+        # former name of dense_share_sum, still read by regprune.scratch
+        return self.dense_share_sum
+
+    @property
+    def mac_scale(self) -> float:
+        """The weight on (MACs fraction - target)^2 that `macs_loss` applies (no unit).
+
+        "matched": alpha_mac * D_ref^2 * S_ref / S, where D_ref = 4.089 (torchvision ResNet-50's dense GMACs at 224
+        px) and S_ref = 0.9995 (its `share_sum` with the paper's gates) and S this network's `share_sum`: the paper's
+        loss, alpha_mac * (GMACs - budget)^2, rewritten in fractions of dense MACs, scaled so that the total push
+        on the gates relative to the task gradient is the paper's at any network size (for ResNet-50 at 224 px
+        it is the paper's loss). "unit": alpha_mac * (dense MACs / mac_unit)^2 (the paper's formula as written).
+        "dense": alpha_mac."""
+        if self.mac_norm == "matched":
+            return self.alpha_mac * REF_DENSE_GMACS ** 2 * REF_SHARE_SUM / self.dense_share_sum
+        if self.mac_norm == "unit":
+            return self.alpha_mac * (self.dense_macs / self.mac_unit) ** 2
+        return self.alpha_mac
+
     def macs_loss(self) -> torch.Tensor:
-        """alpha_mac * (MACs - budget)^2, in units of mac_unit ("unit") or of dense MACs ("dense")."""
-        macs = self.soft_macs()
-        if self.mac_norm == "dense":
-            diff = macs / self.dense_macs - self.target_macs
-        else:
-            diff = (macs - self.budget) / self.mac_unit
-        return self.alpha_mac * diff * diff
+        """mac_scale * (MACs / dense MACs - target)^2 (a number, no unit); see `mac_scale` for the three scales."""
+        diff = self.soft_macs() / self.dense_macs - self.target_macs
+        return self.mac_scale * diff * diff
 
     def nuclear_loss(self) -> torch.Tensor:
         """alpha_nuc * mean over gated convs of | ||W||_* - ||diag(m) W||_* |, W detached."""
@@ -463,6 +310,14 @@ class SPMRegularizer:
             p.requires_grad_(False)
             p.grad = None  # a stale grad would let momentum keep moving the gates
 
+    def done(self) -> bool:
+        """True once the gates are frozen: the on/off set is final and `reconfigure` may cut it."""
+        return self.frozen
+
+    def picks(self) -> Picks:
+        """Group root -> sorted indices of the channels the hard gates turn off (what reconfiguration removes)."""
+        return self.gates.picks()
+
     def current_macs(self) -> int:
         """Exact per-sample MACs of the network the hard gates describe."""
         return self.gates.current_macs()
@@ -513,6 +368,16 @@ class SPMRegularizer:
                 p.requires_grad_(True)
 
 
+def reference_scale(size: int = 224) -> tuple[float, float]:
+    """(dense GMACs, `share_sum`) of torchvision ResNet-50 with the paper's gates at `size` px: the reference of
+    the "matched" MACs scale (REF_DENSE_GMACS, REF_SHARE_SUM). Builds the model on CPU (seconds)."""
+    from ..models import create_model
+
+    model = create_model("torchvision.resnet50", num_classes=1000, in_channels=3)
+    reg = SPMRegularizer(insert_gates(model, torch.zeros(1, 3, size, size)), 0.41)
+    return reg.dense_macs / 1e9, reg.dense_share_sum
+
+
 def _distributed() -> bool:
     return (torch.distributed.is_available() and torch.distributed.is_initialized()
             and torch.distributed.get_world_size() > 1)
@@ -520,36 +385,9 @@ def _distributed() -> bool:
 
 def reconfigure(model: nn.Module, gates: GateSet | SPMRegularizer, example_inputs: torch.Tensor,
                 before_surgery=None) -> nn.Module:
-    """Threshold the gates, remove the off channels physically, drop the gates; returns `model`, pruned in place.
+    """Compatibility alias of `regprune.reconfigure.reconfigure` (same arguments, result and errors).
 
-    The result computes the same function as the gated network (the gates were binary and shared
-    per group), and is verified like every removal (UserError and the model unpruned otherwise). The gate
-    hooks are removed before the model is traced again. `before_surgery(picks)`, when given, is called with
-    the picks (group root -> channel indices) on the gate-free dense model just before the removal (for
-    example to compute `optim_state.kept_indices` for an optimizer).
-    """
-    from ..surgery import apply_picks  # lazy: surgery imports regprune.methods, which may import this module
+    The surgery layer is imported only when this is called, so importing `regprune.methods` never loads it."""
+    from ..reconfigure import reconfigure as _reconfigure
 
-    gateset = gates.gates if isinstance(gates, SPMRegularizer) else gates
-    if gateset.model is not model:
-        raise UserError("reconfigure: these gates belong to another model")
-    if gateset.removed:
-        raise UserError("reconfigure: the gates were already removed from this model")
-    picks = gateset.picks()
-    old_groups = gateset.groups
-    gateset.remove()
-    graph = _analyze(model, example_inputs)
-    new_picks: dict[str, list[int]] = {}
-    for root, idxs in picks.items():
-        if not idxs:
-            continue
-        # the new trace may root the same group at another member: find it by (root, "out")
-        hit = [g for g in graph.groups.values() if any(m.name == root and m.side == "out" for m in g.members)]
-        if not hit or hit[0].channels != old_groups[root].channels:
-            raise UserError(f"reconfigure: group {root} is not found again in the traced model")
-        new_picks[hit[0].root] = idxs
-    if before_surgery is not None:
-        before_surgery(new_picks)
-    if not new_picks:
-        return model
-    return apply_picks(graph, new_picks)
+    return _reconfigure(model, gates, example_inputs, before_surgery)

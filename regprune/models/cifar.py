@@ -69,18 +69,21 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """ResNet-(6n+2) for 32x32 images: 16/32/64 channels in three stages."""
+    """ResNet-(6n+2) for 32x32 images: 16/32/64 channels in three stages (`width`/2x/4x with `width`)."""
 
-    def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3, option: str = "A") -> None:
+    def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3, option: str = "A",
+                 width: int = 16) -> None:
         super().__init__()
         if (depth - 2) % 6 != 0:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        if width < 1:
+            raise ValueError(f"CIFAR ResNet width must be >= 1, got {width}")
         n = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        in_planes = 16
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        in_planes = width
         stages = []
-        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+        for planes, stride in ((width, 1), (2 * width, 2), (4 * width, 2)):
             blocks = []
             for i in range(n):
                 blocks.append(BasicBlock(in_planes, planes, stride if i == 0 else 1, option))
@@ -88,7 +91,7 @@ class CifarResNet(nn.Module):
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(64, num_classes)
+        self.fc = nn.Linear(4 * width, num_classes)
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch.nn as nn
@@ -11,7 +12,21 @@ import torch.nn as nn
 from ..errors import UserError
 from .cifar import CifarResNet, CifarVGG
 
-__all__ = ["create_model", "list_models", "register_model", "model_info", "ModelInfo"]
+__all__ = ["create_model", "list_models", "register_model", "model_info", "ModelInfo", "Published"]
+
+
+@dataclass(frozen=True)
+class Published:
+    """An architecture's size as its authors published it: parameters and multiply-accumulates of one forward
+    at `input_size` x `input_size` with `num_classes` outputs (one MAC = one FLOP in torchvision's convention;
+    papers that count a multiply and an add as two FLOPs are halved)."""
+
+    params: int
+    macs: int | None
+    input_size: int
+    num_classes: int
+    source: str
+    build_kwargs: dict = field(default_factory=dict)  # what create_model needs to build the published variant
 
 
 @dataclass(frozen=True)
@@ -22,28 +37,41 @@ class ModelInfo:
     family: str  # "cifar_resnet", "cifar_vgg", "torchvision" or "timm"
     input_size: int  # native square input side
     builder: Callable[..., nn.Module]
+    published: Published | None = None  # None: no published figure
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
 
 
-def register_model(name: str, family: str, input_size: int) -> Callable:
+def register_model(name: str, family: str, input_size: int, published: Published | None = None) -> Callable:
     """Decorator adding a builder `fn(num_classes, in_channels, **kw) -> nn.Module` under `name`."""
 
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        _REGISTRY[name] = ModelInfo(name, family, input_size, fn)
+        _REGISTRY[name] = ModelInfo(name, family, input_size, fn, published)
         return fn
 
     return deco
 
 
+_HE2016 = "He et al., Deep Residual Learning, CVPR 2016 (Table 6 params); MACs as cited by CIFAR pruning papers"
+# depth: (params, MACs) at 32x32, 10 classes, option-A shortcuts
+_CIFAR_RESNET_SIZES = {20: (0.27e6, 41e6), 32: (0.46e6, 69e6), 44: (0.66e6, 97e6), 56: (0.85e6, 125e6),
+                       110: (1.7e6, 253e6)}
+_CIFAR_VGG_SIZES = {  # depth: (params, MACs, source) at 32x32, 10 classes
+    16: (15e6, 313e6, "Li et al., Pruning Filters for Efficient ConvNets, ICLR 2017 (Table 1: 1.5e7, 3.13e8)"),
+    19: (20.04e6, 398.5e6, "Liu et al., Network Slimming, ICCV 2017 (Table 1: 20.04M, 7.97e8 FLOPs = 2 x MACs)"),
+}
+
+
 def _register_cifar() -> None:
     for depth in (20, 32, 44, 56, 110):
-        register_model(f"resnet{depth}", "cifar_resnet", 32)(
+        p, m = _CIFAR_RESNET_SIZES[depth]
+        register_model(f"resnet{depth}", "cifar_resnet", 32, Published(int(p), int(m), 32, 10, _HE2016))(
             lambda num_classes=10, in_channels=3, shortcut="A", _d=depth: CifarResNet(_d, num_classes, in_channels, shortcut)
         )
     for depth in (11, 13, 16, 19):
-        register_model(f"vgg{depth}", "cifar_vgg", 32)(
+        pub = _CIFAR_VGG_SIZES.get(depth)
+        register_model(f"vgg{depth}", "cifar_vgg", 32, pub and Published(int(pub[0]), int(pub[1]), 32, 10, pub[2]))(
             lambda num_classes=10, in_channels=3, _d=depth: CifarVGG(_d, num_classes, in_channels)
         )
 
@@ -54,15 +82,41 @@ def _torchvision_names() -> list[str]:
     return sorted(tvm.list_models(module=tvm))
 
 
-def _build_torchvision(name: str, num_classes: int = 1000, in_channels: int = 3, weights: str | None = None) -> nn.Module:
+def _build_torchvision(name: str, num_classes: int = 1000, in_channels: int = 3, weights: str | None = None,
+                       **kwargs) -> nn.Module:
+    """A torchvision classifier; `kwargs` go to its builder (e.g. googlenet's aux_logits)."""
     from torchvision import models as tvm
 
-    model = tvm.get_model(name, weights=weights, num_classes=num_classes) if weights is None else tvm.get_model(name, weights=weights)
+    if weights is None:
+        model = tvm.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    else:
+        model = tvm.get_model(name, weights=weights, **kwargs)
     if weights is not None and num_classes != 1000:
         raise UserError(f"pretrained weights for torchvision.{name} have 1000 classes, not {num_classes}")
     if in_channels != 3:
         _replace_first_conv(model, in_channels)
     return model
+
+
+@functools.lru_cache(maxsize=None)
+def _torchvision_published(name: str) -> Published | None:
+    """Params and MACs from torchvision's weight metadata (`num_params`, `_ops` in GFLOPS = GMACs), read from
+    the weights enum (nothing is downloaded): the weights with the smallest crop size, the first of those."""
+    from torchvision import models as tvm
+
+    try:
+        weights = list(tvm.get_model_weights(name))
+    except (ValueError, KeyError):
+        return None
+    if not weights:
+        return None
+    crop = lambda w: (w.transforms.keywords or {}).get("crop_size", 224)  # noqa: E731
+    w = min(weights, key=crop)  # min keeps the first of equal sizes: enum order
+    ops = w.meta.get("_ops")
+    return Published(int(w.meta["num_params"]), None if ops is None else round(ops * 1e9), int(crop(w)),
+                     len(w.meta["categories"]), f"torchvision weights {type(w).__name__}.{w.name}",
+                     # the released GoogLeNet drops its training-time auxiliary classifiers
+                     {"aux_logits": False} if name == "googlenet" else {})
 
 
 def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
@@ -125,7 +179,8 @@ def model_info(name: str) -> ModelInfo:
         tv = name.split(".", 1)[1]
         if tv in _torchvision_names():
             size = 299 if tv == "inception_v3" else 224
-            return ModelInfo(name, "torchvision", size, lambda _tv=tv, **kw: _build_torchvision(_tv, **kw))
+            return ModelInfo(name, "torchvision", size, lambda _tv=tv, **kw: _build_torchvision(_tv, **kw),
+                             _torchvision_published(tv))
     if name.startswith("timm."):
         tm = name.split(".", 1)[1]
         names = _timm_names()

@@ -352,8 +352,11 @@ def markdown(result: dict[str, Any]) -> str:
         f"every row. Batch {s['batch_size']}, momentum {s['momentum']:g}, weight decay {s['weight_decay']:g} everywhere.",
         f"- SPM losses: spm alpha_nuc {a.get('alpha_nuc', '?'):g}, alpha_mac {a.get('alpha_mac', '?'):g} "
         f"({a.get('mac_norm', '?')} scale), gate lr x{a.get('gate_lr_scale', '?'):g}; spm_no_nuc identical with "
-        "alpha_nuc 0. At S_max the gates nearest the threshold are moved until MACs are within 1% of the budget "
-        "(`regprune scratch`'s default); the notes column says where the search itself had got to.",
+        "alpha_nuc 0. "
+        + ("At S_max the library's budget snap (`--exact-budget`; off in `regprune scratch` by default, on here so "
+           "every variant meets the same budget) moves channels by weight magnitude until MACs are within 1% of the "
+           "budget; " if s.get("snap", True) else "No budget snap: each variant ends where its search left it; ")
+        + "the notes column says where the search itself had got to.",
         f"- L1 picks (regprune's solver for the target; the residual streams and the stem are not in its scope): "
         f"{result.get('l1_plan', {}).get('ratios')}.",
         f"- Seeds: {s['seeds']}; seed k fixes the initial weights and data order of all variants (the L1 base and "

@@ -1,12 +1,10 @@
-"""The `regprune` command line: thin parsing over the jobs in `pipeline`."""
+"""The `regprune` command line: parsing and printing over the jobs in `regprune.jobs`."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import UserError
@@ -98,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{flag}", type=float)
     p.add_argument("--nesterov", action="store_true", default=None)
     p.add_argument("--no-wd-bn-bias", action="store_true", default=None)
+    p.add_argument("--debug-rank-dump", metavar="DIR", help=argparse.SUPPRESS)
 
     p = sub.add_parser("eval", help="evaluate a model file")
     p.add_argument("model_file")
@@ -136,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("momentum", "weight-decay", "label-smoothing"):
         p.add_argument(f"--{flag}", type=float)
     p.add_argument("--dry-run", action="store_true", help="print the plan without data or training")
+    p.add_argument("--debug-rank-dump", metavar="DIR", help=argparse.SUPPRESS)  # each rank's phase views, to DIR
 
     p = sub.add_parser("scratch", help="prune from scratch: gates + nuclear-norm + MACs losses, then reconfigure")
     _common(p)
@@ -187,70 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-_CLI_TO_OPT = {"lr_schedule": "lr_schedule", "ft_lr_schedule": "ft_lr_schedule"}
 _NOT_OPTIONS = {"cmd", "overwrite", "resume", "recipe", "dry_run", "json", "quick", "pattern", "model_file",
                 "greg"}
 
 
-def _load_recipe(path: str) -> dict[str, Any]:
-    import yaml
-
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"recipe {path} does not exist")
-    try:
-        # safe_load builds only plain data: python/* tags (object construction, calls) are refused
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise UserError(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read recipe {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
-        raise UserError(f"recipe {path} must be a mapping of option names to values")
-    return {k.replace("-", "_"): v for k, v in data.items()}
-
-
 def _options(args: argparse.Namespace, defaults: dict[str, Any]):
-    from .pipeline import JobOptions
+    from .jobs.options import merge_options
 
-    values: dict[str, Any] = dict(defaults)
-    recipe: dict[str, Any] = {}
-    if getattr(args, "recipe", None):
-        recipe = _load_recipe(args.recipe)
-        recipe.pop("paper", None)  # the paper's result, for people reading the recipe
-        recipe.pop("description", None)
-        values.update(recipe)
-    if getattr(args, "resume", None):
-        saved = Path(args.resume) / "options.json"
-        if not saved.is_file():
-            raise UserError(f"cannot resume: {args.resume} holds no regprune run (no options.json)")
-        try:
-            saved_values = json.loads(saved.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UserError(f"cannot resume: {saved} is unreadable ({exc})") from None
-        if not isinstance(saved_values, dict):
-            raise UserError(f"cannot resume: {saved} is not a regprune options file")
-        values.update(saved_values)
-    for k, v in vars(args).items():
-        if k in _NOT_OPTIONS or v is None:
-            continue
-        values[k] = v
-    if getattr(args, "greg", None):
-        if not isinstance(values.get("greg") or {}, dict):
-            raise UserError(f"option greg must be a mapping of GReg settings, got {values['greg']!r}")
-        g = dict(values.get("greg") or {})
-        for item in args.greg:
-            if "=" not in item:
-                raise UserError(f"--greg expects NAME=VALUE, got {item!r}")
-            k, v = item.split("=", 1)
-            try:
-                g[k.strip()] = json.loads(v)
-            except json.JSONDecodeError:
-                g[k.strip()] = v
-        values["greg"] = g
-    if getattr(args, "resume", None):
-        values["out"] = args.resume
-    return JobOptions.from_dict(values)
+    given = {k: v for k, v in vars(args).items() if k not in _NOT_OPTIONS}
+    return merge_options(defaults, given, recipe=getattr(args, "recipe", None), resume=getattr(args, "resume", None),
+                         greg=getattr(args, "greg", None))
 
 
 def _print(text: str) -> None:
@@ -271,79 +217,18 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inspect_model(args: argparse.Namespace):
-    import torch
-
-    from .models import create_model, model_info
-
-    info = model_info(args.model)
-    classes = args.num_classes or (1000 if info.family in ("torchvision", "timm") else 10)
-    size = args.input_size or info.input_size
-    kw = {"shortcut": args.shortcut} if args.shortcut else {}
-    model = create_model(args.model, num_classes=classes, in_channels=args.in_channels, **kw)
-    return model, torch.zeros(1, args.in_channels, size, size)
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
-    import copy
+    from .jobs.plan import inspect_text
 
-    from .api import l1_picks, plan_targets
-    from .counting import count_macs, count_params
-    from .graph import analyze
-    from .ratios import make_plan
-    from .report import format_table
-    from .surgery import apply_picks
-
-    model, x = _inspect_model(args)
-    graph = analyze(model, x, include_coupled=bool(args.include_coupled))
-    uncounted = graph.uncounted
-    plan = pruned = None
-    if args.ratios or args.speedup or args.target_macs:
-        plan = make_plan(graph, args.ratios, speedup=args.speedup, target_macs=args.target_macs, skip=args.skip,
-                         round_to=args.round_to)
-        # the plan is carried out on a copy with L1 picks and verified, as `prune` would
-        clone = copy.deepcopy(model)
-        cgraph = analyze(clone, x, include_coupled=bool(args.include_coupled))
-        pruned = apply_picks(cgraph, l1_picks(cgraph, plan_targets(cgraph, plan)))
-    groups = [{"root": g.root, "channels": g.channels, "members": [m.name for m in g.members],
-               "macs_share": round(g.macs_share, 5), "kind": g.kind, "in_scope": g.in_scope, "unsafe": g.unsafe,
-               "reason": g.reason} for g in graph.groups.values()]
-    if args.json:
-        out: dict[str, Any] = {"model": args.model, "dense_macs": graph.total_macs, "dense_params": count_params(model),
-                               "groups": groups, "uncounted_layers": [list(u) for u in uncounted]}
-        if plan is not None:
-            out.update(pruned_macs=count_macs(pruned, x), planned_macs=plan.pruned_macs,
-                       speedup=round(graph.total_macs / max(count_macs(pruned, x), 1), 4),
-                       pruned_params=count_params(pruned), ratios=plan.ratios, removed=plan.removal,
-                       widths={r: graph.groups[r].channels - k for r, k in plan.removal.items()},
-                       verification=pruned.regprune_verification)
-        print(json.dumps(out))
-        return 0
-    rows = []
-    for g in graph.groups.values():
-        row = {"group (root)": g.root, "kind": g.kind, "channels": g.channels, "members": len(g.members),
-               "MACs %": f"{100 * g.macs_share:.1f}", "scope": "yes" if g.in_scope else f"no: {g.reason}"}
-        if plan is not None:
-            row["kept"] = g.channels - plan.removal.get(g.root, 0)
-        rows.append(row)
-    print(f"{args.model}: {graph.total_macs / 1e6:.2f} MMACs, {count_params(model) / 1e6:.3f} M params, "
-          f"{len(graph.groups)} channel groups, {len(graph.scope())} in scope")
-    if rows:
-        print(format_table(rows, list(rows[0])))
-    if uncounted:
-        print(f"note: MACs leave out {len(uncounted)} layer(s) of kinds the counter does not know: "
-              + ", ".join(f"{n} ({k})" for n, k in uncounted[:5]))
-    if plan is not None:
-        real = count_macs(pruned, x)
-        ver = pruned.regprune_verification
-        print(f"plan: {real / 1e6:.2f} MMACs, speedup {graph.total_macs / max(real, 1):.2f}x "
-              f"({len(plan.removal)} groups pruned); carried out on a copy and verified "
-              f"(max relative difference {ver['max_rel_diff']:.1e}, {' and '.join(ver['modes'])} mode)")
+    print(inspect_text(args.model, num_classes=args.num_classes, in_channels=args.in_channels,
+                       input_size=args.input_size, shortcut=args.shortcut, ratios=args.ratios, speedup=args.speedup,
+                       target_macs=args.target_macs, skip=args.skip, round_to=args.round_to,
+                       include_coupled=bool(args.include_coupled), as_json=args.json))
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .pipeline import check_options, train_job
+    from .jobs import check_options, train_job
 
     o = _options(args, {"lr_schedule": "cosine", "epochs": 30, "out": "runs/base"})
     if not o.model:
@@ -356,95 +241,29 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _start_run(o, args):
-    from .engine import init_distributed, is_main
-    from .pipeline import RunDir
+    from .jobs.common import start_run
 
-    from .engine import broadcast_object
-
-    init_distributed()
-    resume = bool(getattr(args, "resume", None))
-    # rank 0 alone checks and prepares the directory, then tells the others: were every rank to check, a slow
-    # one could find rank 0's fresh files, refuse "already exists" and leave rank 0 waiting in a collective
-    run, error = None, None
-    if is_main():
-        try:
-            run = RunDir(o.out, overwrite=getattr(args, "overwrite", False), resume=resume, write=True)
-            from dataclasses import asdict
-
-            from .engine import atomic_write_text
-
-            atomic_write_text(run.file("options.json"), json.dumps(asdict(o), indent=1))
-            run.save_state()
-        except UserError as exc:
-            error = str(exc)
-    error = broadcast_object(error)
-    if error is not None:
-        raise UserError(error)
-    if run is None:
-        run = RunDir(o.out, overwrite=True, resume=resume, write=False)
-    return run
+    return start_run(o, overwrite=getattr(args, "overwrite", False), resume=bool(getattr(args, "resume", None)))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .pipeline import eval_job
+    from .jobs import eval_job
 
     _print(eval_job(args.model_file, args.data, args.batch_size, args.device, args.limit_test)["table"])
     return 0
 
 
-def _dry_run(o) -> int:
-    import torch
-
-    from .models import create_model
-    from .pipeline import assumed_shapes, greg_config, prune_plan
-    from .report import format_table
-
-    ch, size, classes, n = assumed_shapes(o)
-    model = create_model(o.model, num_classes=classes, in_channels=ch, **({"shortcut": o.shortcut} if o.shortcut else {}))
-    x = torch.zeros(1, ch, size, size)
-    graph, plan = prune_plan(o, model, x)
-    if o.sparsity is not None:
-        rows = [{"layer": r, "weights": graph.module(r).weight.numel(),
-                 "zeroed": math.ceil(plan.ratios[r] * graph.module(r).weight.numel() - 1e-9)} for r in plan.ratios]
-    else:
-        rows = [{"layer": r, "dense": graph.groups[r].channels, "kept": graph.groups[r].channels - k,
-                 "ratio": f"{plan.ratios[r]:.3f}"} for r, k in plan.removal.items()]
-    print(f"plan for {o.method} on {o.model} ({o.data}, assumed {ch}x{size}x{size}, {classes} classes):")
-    print(format_table(rows, list(rows[0])))
-    print(f"MACs {plan.dense_macs / 1e6:.2f}M -> {plan.pruned_macs / 1e6:.2f}M, speedup {plan.speedup:.2f}x")
-    if o.method in ("greg1", "greg2"):
-        bs = o.reg_batch_size or o.batch_size
-        spe = max(1, math.ceil(n / bs)) if n else None
-        cfg = greg_config(o, spe or 1)
-        it = cfg.planned_iters(o.method)
-        ep = f" = {it['total'] / spe:.1f} epochs at batch {bs}" if spe else ""
-        print(f"regularization schedule: pick {it['pick']} + grow {it['grow']} + stabilize {it['stabilize']} "
-              f"= {it['total']} iterations{ep} (update_reg_interval {cfg.update_reg_interval}, "
-              f"reg_granularity_prune {cfg.reg_granularity_prune:g}, reg_upper_limit {cfg.reg_upper_limit:g}, "
-              f"lr_prune {cfg.lr_prune:g}, momentum {cfg.momentum:g}, penalty {cfg.penalty}, "
-              f"criterion {cfg.criterion})")
-        pred = cfg.predict(o.method)
-        ratio = pred["predicted_ratio"]
-        print(f"predicted: integrated decay {pred['integrated_decay']:.2f} (ln {cfg.mag_ratio_limit:g} = "
-              f"{pred['needed']:.2f} needed), kept/pruned ratio "
-              f"{'> 1e6' if ratio > 1e6 else f'{ratio:.3g}'}, lr*lambda up to {pred['lr_lambda_max']:.3g} "
-              f"(stability bound {pred['stability_bound']:.3g})"
-              + (f"; GReg-2 pick phase integrates {pred['pick_decay']:.2f} (the paper's CIFAR schedule: 0.50)"
-                 if o.method == "greg2" else ""))
-        if pred["warning"]:
-            print(f"warning: {pred['warning']}")
-    print(f"fine-tune: {o.ft_epochs:g} epochs, lr {o.ft_lr:g} ({o.ft_lr_schedule})")
-    return 0
-
-
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .pipeline import check_options, prune_job
+    from .jobs import check_options, prune_job
 
     o = _options(args, {"method": "l1", "out": "runs/prune"})
     if not o.model:
         raise UserError("--model is required")
     if args.dry_run:
-        return _dry_run(o)
+        from .jobs.plan import prune_plan_text
+
+        print(prune_plan_text(o))
+        return 0
     check_options(o, "prune")
     run = _start_run(o, args)
     out = prune_job(o, run)
@@ -460,7 +279,7 @@ _SPM_KEYS = ("search_epochs", "alpha_nuc", "alpha_mac", "nuc_every", "mac_grad_i
 
 
 def cmd_scratch(args: argparse.Namespace) -> int:
-    from .scratch import scratch_job, scratch_dry_run
+    from .jobs.scratch import scratch_job, scratch_dry_run
 
     o = _options(args, {"out": "runs/scratch", "lr_schedule": "cosine", "epochs": 10})
     extra = {k: getattr(o, k) for k in _SPM_KEYS if getattr(o, k) is not None}

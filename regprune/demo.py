@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .pipeline import JobOptions, RunDir, prune_job, train_job
+from .jobs import JobOptions, RunDir, prune_job, train_job
 
 __all__ = ["run_demo"]
 

@@ -15,7 +15,7 @@ from .methods.spm import SPMRegularizer, insert_gates
 from .optim_state import kept_indices, rebind_optimizer
 from .reconfigure import reconfigure
 
-__all__ = ["GateRegularizer", "spm_regularizer"]
+__all__ = ["GateRegularizer", "spm_regularizer", "macs_target"]
 
 
 class GateRegularizer:
@@ -122,6 +122,18 @@ class GateRegularizer:
         return pruned
 
 
+def macs_target(speedup: float | None, target_macs: float | None) -> float | None:
+    """The kept MACs fraction SPM aims at: `target_macs` as given, or 1 / `speedup`. Raises UserError when both are
+    given or the speedup is below 1."""
+    if speedup is not None and target_macs is not None:
+        raise UserError("give either speedup or target_macs, not both")
+    if speedup is None:
+        return target_macs
+    if not speedup >= 1.0:
+        raise UserError(f"speedup {speedup:g} out of range: expected a number >= 1")
+    return 1.0 / speedup
+
+
 def spm_regularizer(model: nn.Module, example_inputs: Any, *, ratios: str | None, speedup: float | None,
                      target_macs: float | None, iters: int | None, config: GRegConfig | None, skip: list[str] | None,
                      round_to: int | None, include_coupled: bool, unstructured: bool, sparsity: float | None,
@@ -137,12 +149,7 @@ def spm_regularizer(model: nn.Module, example_inputs: Any, *, ratios: str | None
     if wrong:
         raise UserError(f"{wrong[0]}= is a GReg option; SPM takes target_macs or speedup, iters, groups and "
                         "SPMRegularizer keywords")
-    if speedup is not None and target_macs is not None:
-        raise UserError("give either speedup or target_macs, not both")
-    if speedup is not None:
-        if not speedup >= 1.0:
-            raise UserError(f"speedup {speedup:g} out of range: expected a number >= 1")
-        target_macs = 1.0 / speedup
+    target_macs = macs_target(speedup, target_macs)
     if iters is not None:
         if isinstance(iters, bool) or int(iters) != iters or iters < 1:
             raise UserError(f"iters={iters!r}: expected a positive number of optimizer steps")

@@ -219,7 +219,7 @@ def _probe(model: nn.Module, example_inputs) -> tuple[dict[str, int], set[str], 
     whose output reaches a network output through parameter-free or per-channel functions only (found by graph
     position: a walk back from every output through the autograd graph that stops at counted layers), the
     modules that run in eval mode, and those that run only in train mode (auxiliary heads)."""
-    from .verify import _buffers_kept, _cloned, _run, modes_kept, train_batch
+    from .verify import buffers_kept, cloned_inputs, run_in_mode, modes_kept, train_batch
 
     macs: dict[str, int] = {}
     produced: dict[Any, str] = {}
@@ -244,7 +244,7 @@ def _probe(model: nn.Module, example_inputs) -> tuple[dict[str, int], set[str], 
             for p, _ in flags:
                 p.requires_grad_(True)
             with torch.enable_grad():
-                out = call_model(model, _cloned(example_inputs))
+                out = call_model(model, cloned_inputs(example_inputs))
     finally:
         for h in hooks:
             h.remove()
@@ -266,8 +266,8 @@ def _probe(model: nn.Module, example_inputs) -> tuple[dict[str, int], set[str], 
     called_train: set[str] = set()
     hooks = [m.register_forward_hook(lambda mod, i, o, _n=name: called_train.add(_n)) for name, m in model.named_modules()]
     try:
-        with _buffers_kept(model):
-            _run(model, train_batch(example_inputs), train=True)
+        with buffers_kept(model):
+            run_in_mode(model, train_batch(example_inputs), train=True)
     except Exception:  # a model that cannot run in train mode: nothing runs only there
         pass
     finally:
@@ -307,12 +307,12 @@ class GroupGraph:
         self.model = model
         self.example_inputs = check_example_inputs(example_inputs)
         self.names = {m: n for n, m in model.named_modules()}
-        from .verify import _cloned, modes_kept
+        from .verify import cloned_inputs, modes_kept
 
         try:
             with modes_kept(model):  # the tracer switches to eval mode
                 self.dg = tp.DependencyGraph().build_dependency(
-                    model, example_inputs=_cloned(example_inputs), customized_pruners=CUSTOM_PRUNERS)
+                    model, example_inputs=cloned_inputs(example_inputs), customized_pruners=CUSTOM_PRUNERS)
         except Exception as exc:  # tracing failures are the model's, not a bug of ours: say which
             raise UserError(f"cannot trace the model's channel dependencies: {_trace_failure(exc)}") from exc
         self.layer_macs, self.outputs, called, self.train_only = ({}, set(), set(), set())
@@ -454,13 +454,13 @@ class GroupGraph:
         """Cut a few channels of every group that could be pruned on a trial copy and verify (see
         `verify.group_safety`); a failing group leaves the scope with the reason."""
         from .surgery import verified_surgery
-        from .verify import _trial_picks, group_safety
+        from .verify import trial_picks, group_safety
 
         cands = {}
         for g in self.groups.values():
             if not g.in_scope:  # only what this scope could prune is tried (--include-coupled tries the streams)
                 continue
-            picks = _trial_picks(g)
+            picks = trial_picks(g)
             if picks is None:
                 g.in_scope, g.reason = False, "one channel per grouped-conv block"
                 continue

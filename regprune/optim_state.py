@@ -26,7 +26,7 @@ from .errors import UserError
 from .graph import GroupGraph, model_family
 from .methods.base import Picks
 from .surgery import apply_picks
-from .verify import _float64
+from .verify import float64_copy
 
 __all__ = ["kept_indices", "rebind_optimizer"]
 
@@ -62,7 +62,7 @@ def kept_indices(model: nn.Module, example_inputs: Any, picks: Picks,
         p.grad = None
     old_shapes = {n: p.shape for n, p in probe.named_parameters()}
     # the probe needs the groups only: scope and safety are the real pruning call's
-    graph = GroupGraph(probe, _float64(example_inputs), include_coupled, model_family(probe), safety=False)
+    graph = GroupGraph(probe, float64_copy(example_inputs), include_coupled, model_family(probe), safety=False)
     with torch.no_grad():  # after tracing: the tracer follows autograd
         for name, p in probe.named_parameters():
             if p.numel() > _EXACT:

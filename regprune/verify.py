@@ -143,7 +143,7 @@ class ModelSnapshot:
 
 
 @contextlib.contextmanager
-def _buffers_kept(model: nn.Module) -> Iterator[None]:
+def buffers_kept(model: nn.Module) -> Iterator[None]:
     """Train-mode forwards update BatchNorm running statistics: put them back afterwards."""
     saved = [(m, k, b.detach().clone()) for m in model.modules() for k, b in m._buffers.items() if b is not None]
     try:
@@ -167,19 +167,21 @@ def modes_kept(model: nn.Module) -> Iterator[None]:
             m.training = f
 
 
-def _cloned(inputs: Any) -> Any:
+def cloned_inputs(inputs: Any) -> Any:
     """Copies of the input tensors, so a forward with in-place ops cannot change the caller's examples."""
     return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, inputs)
 
 
-def _run(model: nn.Module, inputs: Any, train: bool) -> Any:
+def run_in_mode(model: nn.Module, inputs: Any, train: bool) -> Any:
+    """`model`'s output on a copy of `inputs` in train (`train=True`) or eval mode; every module's own mode flag is
+    restored afterwards."""
     with modes_kept(model):
         model.train(train)
         for m in _stochastic_modules(model):
             m.eval()
         with torch.no_grad(), _dropout_off(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            return call_model(model, _cloned(inputs))
+            return call_model(model, cloned_inputs(inputs))
 
 
 def _compare(ref_out: Any, out: Any, mode: str, rtol: float) -> tuple[int, float]:
@@ -211,7 +213,8 @@ def _compare(ref_out: Any, out: Any, mode: str, rtol: float) -> tuple[int, float
     return n, worst
 
 
-def _float64(x: Any) -> Any:
+def float64_copy(x: Any) -> Any:
+    """`x` (a tensor or nested inputs) with every floating-point tensor converted to float64; other leaves as given."""
     return tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, x)
 
 
@@ -244,14 +247,14 @@ def verify_outputs(pruned: nn.Module, reference: nn.Module, example_inputs: Any,
             raise TypeError("not a float32 model")
         with torch.no_grad():
             reference.double()
-            _run(reference, _float64(example_inputs), False)
+            run_in_mode(reference, float64_copy(example_inputs), False)
     except Exception:  # the model builds float32 tensors of its own, or an op lacks float64: check as it is
         reference.to(next(iter(dtypes))) if len(dtypes) == 1 else None
         result = _verify(pruned, reference, example_inputs, max(rtol, RTOL_FLOAT32))
         result.notes.append("compared in the model's own precision (it does not run in float64)")
         return result
     with _in_float64(pruned):
-        return _verify(pruned, reference, _float64(example_inputs), rtol)
+        return _verify(pruned, reference, float64_copy(example_inputs), rtol)
 
 
 def _verify(pruned: nn.Module, reference: nn.Module, example_inputs: Any, rtol: float) -> Verification:
@@ -259,16 +262,16 @@ def _verify(pruned: nn.Module, reference: nn.Module, example_inputs: Any, rtol: 
     for mode in ("eval", "train"):
         inputs = example_inputs if mode == "eval" else train_batch(example_inputs)
         try:
-            with _buffers_kept(reference):
-                ref_out = _run(reference, inputs, mode == "train")
+            with buffers_kept(reference):
+                ref_out = run_in_mode(reference, inputs, mode == "train")
         except Exception as exc:  # the user's own model fails: in eval a user error, in train a note
             if mode == "eval":
                 raise UserError(f"the model fails on the example inputs: {type(exc).__name__}: {str(exc)[:160]}") from None
             notes.append(f"train mode not checked (the dense model fails in train mode: {type(exc).__name__})")
             continue
         try:
-            with _buffers_kept(pruned):
-                out = _run(pruned, inputs, mode == "train")
+            with buffers_kept(pruned):
+                out = run_in_mode(pruned, inputs, mode == "train")
         except Exception as exc:
             raise Mismatch(f"{mode} mode: the pruned model fails: {type(exc).__name__}: {str(exc)[:160]}") from None
         n, w = _compare(ref_out, out, mode, rtol)
@@ -375,7 +378,7 @@ def _sensitise(model: nn.Module) -> None:
                     p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) / math.sqrt(fan_in))
 
 
-def _trial_picks(g) -> list[int] | None:
+def trial_picks(g) -> list[int] | None:
     """A few channels to cut in a trial: the first two (one if the group is small); for a group through a
     grouped conv, position 0 of every channel block. None when nothing can be cut."""
     if g.ch_groups > 1:

@@ -235,7 +235,7 @@ def test_methods_layer_stays_small_and_below_the_surgery_layer() -> None:
 
     import regprune.methods
 
-    upper = {"surgery", "api", "pipeline", "scratch", "cli", "reconfigure", "gate_regularizer", "integrations"}
+    upper = {"surgery", "api", "pipeline", "jobs", "scratch", "cli", "reconfigure", "gate_regularizer", "integrations"}
     for path in sorted(Path(regprune.methods.__file__).parent.glob("*.py")):
         text = path.read_text()
         assert len(text.splitlines()) <= 410, f"{path.name} has {len(text.splitlines())} lines"

@@ -1,6 +1,6 @@
 """`regprune prune --method greg2` on two CPU ranks (torchrun, gloo): the ranks agree and only rank 0 writes.
 
-With REGPRUNE_DEBUG_RANK_DUMP=DIR the pipeline writes each rank's view of every phase boundary (picks, a hash of
+With --debug-rank-dump DIR the prune job writes each rank's view of every phase boundary (picks, a hash of
 GReg's penalties and of its masks, a hash of all weights and buffers) to DIR; the dumps of both ranks must be
 identical. The CLI runs through a small launcher that, on ranks other than 0, records every Python-level write
 into the run directory (audit hooks: open for writing, rename, mkdir, remove, ...); there must be none. The run
@@ -74,14 +74,15 @@ def test_two_ranks_agree_at_every_phase_and_only_rank0_writes(tmp_path):
     run, dumps = tmp_path / "run", tmp_path / "dumps"
     launcher = tmp_path / "launch_regprune.py"
     launcher.write_text(LAUNCHER)
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", REGPRUNE_DEBUG_RANK_DUMP=str(dumps),
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
                RP_TEST_RUN_DIR=str(run), RP_TEST_WRITES=str(tmp_path / "writes"),
                PYTHONPATH=os.pathsep.join([str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(launcher),
          "prune", "--method", "greg2", "--model", "resnet20", "--data", "digits", "--limit-train", "256",
          "--limit-test", "128", "--base", "random", "--speedup", "2", "--reg-iters", "30", "--ft-epochs", "1",
-         "--batch-size", "32", "--checkpoint-every", "5", "--seed", "1", "--no-progress", "--out", str(run)],
+         "--batch-size", "32", "--checkpoint-every", "5", "--seed", "1", "--no-progress", "--out", str(run),
+         "--debug-rank-dump", str(dumps)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
     assert proc.stdout.count("MACs speedup") == 1, proc.stdout  # only rank 0 prints

@@ -15,12 +15,7 @@ from regprune.errors import UserError
 from regprune.methods.greg import GRegConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ConvBNConv(nn.Module):

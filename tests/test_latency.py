@@ -158,11 +158,12 @@ def dense_pruned():
 
 def _report(tmp_path, dense_pruned):
     """The prune pipeline's report step on a real dense/pruned pair, without training."""
-    from regprune.pipeline import JobOptions, RunDir, _report
+    from regprune.jobs.report import prune_report
+    from regprune.pipeline import JobOptions, RunDir
 
     dense, pruned, x = dense_pruned
     o = JobOptions(method="l1", model="resnet20", out=str(tmp_path / "run"))
-    return _report(o, RunDir(o.out), dense, pruned, x, SimpleNamespace(name="synthetic"), [], None)
+    return prune_report(o, RunDir(o.out), dense, pruned, x, SimpleNamespace(name="synthetic"), [], None)
 
 
 def _fake_measure(load):

@@ -16,13 +16,7 @@ from regprune.methods.greg import GReg, GRegConfig, MaskKeeper
 from regprune.methods.l1 import L1Pruner, filter_scores, pick_filters, select_indices
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These nets are tiny: extra intra-op threads only add contention on a shared CPU.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyNet(nn.Module):

@@ -165,6 +165,15 @@ class Trainer(ResumableMixin):
         self.metrics.append(record)
         self._logger.write(record)
 
+    def set_progress(self, **fields: Any) -> None:
+        """Show `fields` (name -> value; None: left out) after the progress bar at its next refresh, e.g. a hook's
+        state; nothing when the bar is off (no TTY, `progress=False`, rank > 0, outside `fit`)."""
+        self._progress.set(**fields)
+
+    def progress_line(self, text: str) -> None:
+        """Print one line to stderr without breaking the progress bar (nothing when progress is off)."""
+        self._progress.line(text)
+
     # ------------------------------------------------------------------ the loop
     def _make_schedule(self) -> LRSchedule:
         total_epochs = self.total_steps / self.steps_per_epoch

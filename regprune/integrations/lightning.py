@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
+from ..gate_regularizer import macs_target
 
 try:
     import lightning.pytorch as pl
@@ -156,12 +157,7 @@ class RegPruneCallback(pl.Callback):
             unknown = sorted(set(options) - _SPM_OPTIONS)
             if unknown:
                 raise UserError(f"unknown SPM option {unknown[0]!r}: expected one of {', '.join(sorted(_SPM_OPTIONS))}")
-            if speedup is not None and target_macs is not None:
-                raise UserError("give either speedup or target_macs, not both")
-            if speedup is not None:
-                if not speedup >= 1.0:
-                    raise UserError(f"speedup {speedup:g} out of range: expected a number >= 1")
-                target_macs = 1.0 / speedup
+            target_macs = macs_target(speedup, target_macs)
             if iters is not None:
                 if options.get("freeze_after") is not None:
                     raise UserError("give either iters or freeze_after for SPM, not both (they are the same)")

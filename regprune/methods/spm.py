@@ -216,11 +216,6 @@ class SPMRegularizer:
         return total / self.dense_macs
 
     @property
-    def _share_sum(self) -> float:
-        # former name of dense_share_sum, still read by regprune.scratch
-        return self.dense_share_sum
-
-    @property
     def mac_scale(self) -> float:
         """The weight on (MACs fraction - target)^2 that `macs_loss` applies (no unit).
 

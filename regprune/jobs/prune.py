@@ -1,0 +1,240 @@
+"""The prune job: base -> (GReg regularization) -> picks -> removal -> BN recalibration -> fine-tune -> report,
+resumable phase by phase; with its plan, GReg schedule and the checks made before a run directory exists."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .. import engine as E
+from ..api import Regularizer, l1_picks, plan_targets, unstructured_plan
+from ..errors import UserError
+from ..graph import analyze
+from ..methods.greg import GRegConfig
+from ..methods.l1 import CRITERIA
+from ..models import model_info
+from ..ratios import make_plan
+from ..surgery import apply_picks, load_model, save_model
+from .common import (NO_BASE, RunDir, check_pretrained, evaluate_on, example_input, job_loaders, load_base,
+                     load_job_data, train_config)
+from .debug import rank_dump
+from .options import JobOptions
+from .report import prune_report
+
+__all__ = ["prune_job", "greg_config", "prune_plan", "check_options"]
+
+
+class _StatusLine:
+    """A hook that logs GReg's schedule (phase, penalty range, magnitude ratios, GReg-2 overlap) as it goes."""
+
+    def __init__(self, reg: Regularizer, every: int = 100) -> None:
+        self.reg = reg
+        self.every = every
+
+    def on_step_end(self, trainer) -> None:
+        if trainer.step % self.every:
+            return
+        s = self.reg.status()
+        ratios = [v for v in s.get("mag_ratio", {}).values() if v is not None]
+        rec = {"greg_phase": s["phase"], "lambda_min": s["lambda_min"], "lambda_max": s["lambda_max"],
+               "mag_ratio_min": min(ratios) if ratios else None, "mag_ratio_per_layer": s.get("mag_ratio")}
+        if "overlap_l1" in s:
+            rec["overlap_l1"] = s["overlap_l1"]
+        trainer.log(rec)
+        trainer.set_progress(greg=s["phase"], lam=f"{s['lambda_min']:.2g}..{s['lambda_max']:.2g}",
+                             kept_pruned=f"{min(ratios):.3g}" if ratios else "-")
+
+
+def greg_config(o: JobOptions, steps_per_epoch: int) -> GRegConfig:
+    """The paper's GReg schedule (budget-aware, scaled to --reg-iters when given, for the run's momentum), with any
+    per-name overrides."""
+    overrides = dict(o.greg)
+    overrides.setdefault("pick", o.pick)
+    overrides.setdefault("penalty", "group" if o.penalize_coupled else o.penalty)
+    overrides.setdefault("criterion", o.criterion)
+    overrides.setdefault("unstructured", o.unstructured)
+    overrides.setdefault("momentum", o.momentum)
+    try:
+        if o.reg_iters is not None:
+            return GRegConfig.scaled(int(o.reg_iters), o.method, **overrides)
+        return GRegConfig(**overrides)
+    except TypeError as exc:
+        raise UserError(f"bad GReg setting: {exc}") from None
+
+
+def prune_plan(o: JobOptions, model: nn.Module, x: torch.Tensor):
+    """Graph and removal plan for the options (shared by the job and --dry-run)."""
+    graph = analyze(model, x, include_coupled=o.include_coupled)
+    if o.sparsity is not None:
+        if not o.unstructured:
+            raise UserError("--sparsity is the unstructured scope: add --unstructured, or plan filters with --ratios, "
+                            "--speedup or --target-macs")
+        return graph, unstructured_plan(graph, o.sparsity, o.skip or None)
+    plan = make_plan(graph, o.ratios, speedup=o.speedup, target_macs=o.target_macs, skip=o.skip or None,
+                     round_to=o.round_to)
+    if not plan.removal:
+        raise UserError("the ratios prune nothing: every selected layer keeps all its channels")
+    return graph, plan
+
+
+def check_options(o: JobOptions, job: str) -> None:
+    """Mistakes visible in the options alone (no data, model file or run directory needed).
+
+    The CLI calls this before it creates a run directory, so a typo leaves nothing behind to --overwrite.
+    """
+    model_info(o.model)
+    if job == "train":
+        train_config(o, epochs=o.epochs, lr=o.lr, schedule=o.lr_schedule, warmup=o.warmup_epochs).validate()
+        return
+    if o.method not in ("l1", "greg1", "greg2"):
+        raise UserError(f"unknown method {o.method!r}: expected l1, greg1 or greg2 (or use `regprune scratch`)")
+    if o.criterion not in CRITERIA:
+        raise UserError(f"unknown criterion {o.criterion!r}: expected one of {', '.join(CRITERIA)}")
+    if o.base is None:
+        raise UserError(NO_BASE)
+    if o.base == "pretrained":
+        check_pretrained(o)
+    # the same rules make_plan applies, checked here before any data is loaded
+    if o.speedup is not None and o.target_macs is not None:
+        raise UserError("give either --speedup or --target-macs, not both")
+    if o.speedup is not None and not o.speedup >= 1.0:
+        raise UserError(f"speedup {o.speedup:g} out of range: expected a number >= 1")
+    if o.target_macs is not None and not 0.0 < o.target_macs <= 1.0:
+        raise UserError(f"MACs target {o.target_macs:g} out of range: expected a kept fraction in (0, 1]")
+    if o.sparsity is not None and (o.ratios or o.speedup is not None or o.target_macs is not None):
+        raise UserError("give either --sparsity (unstructured) or --ratios/--speedup/--target-macs, not both")
+    if o.sparsity is not None and not o.unstructured:
+        raise UserError("--sparsity is the unstructured scope: add --unstructured")
+    if o.bn_recal < 0:
+        raise UserError(f"--bn-recal must be >= 0 batches, got {o.bn_recal}")
+    if o.unstructured and o.method == "l1":
+        raise UserError("unstructured pruning is available for greg1 and greg2")
+    if not o.ratios and o.speedup is None and o.target_macs is None and o.sparsity is None:
+        raise UserError("say how much to prune: --ratios SPEC, --speedup X, --target-macs F (or --unstructured "
+                        "--sparsity F)")
+    if o.method != "l1":
+        cfg = greg_config(o, 1)
+        train_config(o, epochs=1, lr=cfg.lr_prune, schedule="constant", warmup=0.0,
+                      max_steps=cfg.planned_iters(o.method)["total"]).validate()
+    train_config(o, epochs=o.ft_epochs, lr=o.ft_lr, schedule=o.ft_lr_schedule, warmup=o.ft_warmup_epochs).validate()
+
+
+
+def prune_job(o: JobOptions, run: RunDir) -> dict[str, Any]:
+    """Base -> (regularize) -> remove -> fine-tune -> evaluate -> report, resumable phase by phase."""
+    if o.method not in ("l1", "greg1", "greg2"):
+        raise UserError(f"unknown method {o.method!r}: expected l1, greg1 or greg2 (or use `regprune scratch`)")
+    if o.criterion not in CRITERIA:
+        raise UserError(f"unknown criterion {o.criterion!r}: expected one of {', '.join(CRITERIA)}")
+    bundle = load_job_data(o)
+    x = example_input(bundle)
+    train_loader, test_loader = job_loaders(o, bundle)
+    model = load_base(o, bundle).cpu()
+    dense = copy.deepcopy(model)
+    results = run.state["results"]
+    if "base" not in results:
+        run.mark("base", base=evaluate_on(model, test_loader, o.device))
+    model.cpu()
+    rank_dump(o.debug_rank_dump, "base", model)
+    graph, plan = prune_plan(o, model, x)
+    run.mark("plan", plan={"ratios": plan.ratios, "removal": plan.removal, "dense_macs": plan.dense_macs,
+                           "pruned_macs": plan.pruned_macs, "speedup": plan.speedup, "note": plan.note})
+    if plan.note and E.is_main():
+        print(f"note: {plan.note}", file=sys.stderr)
+    rank_dump(o.debug_rank_dump, "plan", model, plan=plan)
+    history: list[dict] = []
+    picks: dict[str, list[int]] | None = None
+    keeper = None
+
+    if o.method == "l1":
+        picks = l1_picks(graph, plan_targets(graph, plan), o.pick, o.seed, o.criterion)
+    else:
+        reg_loader, _ = job_loaders(o, bundle, o.reg_batch_size)
+        cfg = greg_config(o, len(reg_loader))
+        reg = Regularizer(graph, plan, o.method, cfg, o.unstructured)
+        if run.done("regularize"):
+            model, _ = load_model(run.file("regularized.safetensors"), model=model)
+            reg.load_state_dict(E.safe_load(run.file("greg_state.pt")))
+        else:
+            tcfg = train_config(o, epochs=1, lr=cfg.lr_prune, schedule="constant", warmup=0.0,
+                                 max_steps=cfg.planned_iters(o.method)["total"])
+            trainer = E.Trainer(model, reg_loader, test_loader, tcfg, run_dir=run.path, phase="regularize",
+                                hooks=[reg, _StatusLine(reg, max(1, cfg.update_reg_interval * 10))])
+            trainer.fit(resume_from=run.checkpoint("regularize"))
+            model.cpu()
+            if E.is_main():
+                save_model(model, run.file("regularized.safetensors"))
+                E.atomic_save(reg.state_dict(), run.file("greg_state.pt"))
+            run.mark("regularize", regularize={"status": reg.status(), "eval": evaluate_on(model, test_loader, o.device)})
+            model.cpu()
+        history = reg.greg.history
+        if o.unstructured:
+            keeper = reg.mask_keeper()
+        else:
+            picks = reg.picks()
+        rank_dump(o.debug_rank_dump, "regularize", model, reg=reg, picks=picks)
+
+    if o.unstructured:
+        if o.method == "l1":
+            raise UserError("unstructured pruning is available for greg1 and greg2")
+        pruned = reg.prune()
+        if not run.done("prune"):
+            before = evaluate_on(pruned, test_loader, o.device)
+            run.mark("prune", pruned_before_recal=before, pruned_before_ft=_recalibrate(o, pruned, train_loader,
+                                                                                         test_loader, before))
+    else:
+        if run.done("prune"):
+            pruned, _ = load_model(run.file("pruned_init.safetensors"))
+        else:
+            pruned = apply_picks(analyze(model, x, include_coupled=o.include_coupled), picks)
+            before = evaluate_on(pruned, test_loader, o.device)
+            after = _recalibrate(o, pruned, train_loader, test_loader, before)
+            if E.is_main():
+                save_model(pruned, run.file("pruned_init.safetensors"))
+                E.atomic_write_text(run.file("picks.json"), json.dumps(picks, indent=1))
+            run.mark("prune", pruned_before_recal=before, pruned_before_ft=after,
+                     verification=getattr(pruned, "regprune_verification", None))
+            pruned.cpu()
+    rank_dump(o.debug_rank_dump, "prune", pruned, picks=picks)
+
+    if not run.done("finetune"):
+        fcfg = train_config(o, epochs=o.ft_epochs, lr=o.ft_lr, schedule=o.ft_lr_schedule, warmup=o.ft_warmup_epochs)
+        hooks = [keeper] if keeper is not None else []
+        ft_loader = train_loader
+        trainer = E.Trainer(pruned, ft_loader, test_loader, fcfg, run_dir=run.path, phase="finetune", hooks=hooks)
+        trainer.fit(resume_from=run.checkpoint("finetune"))
+        pruned.cpu()
+        final = evaluate_on(pruned, test_loader, o.device)
+        best = max([r["test_top1"] for r in trainer.metrics if "test_top1" in r] + [final["top1"]])
+        if E.is_main():
+            save_model(pruned, run.file("model.safetensors"),
+                       {"method": o.method, "dataset": bundle.name, "top1": final["top1"], "ratios": plan.ratios,
+                        "speedup": plan.speedup, "seed": o.seed, "input_size": bundle.image_size})
+        run.mark("finetune", final=final, best_top1=best)
+    else:
+        pruned, _ = load_model(run.file("model.safetensors"), model=pruned if o.unstructured else None)
+    rank_dump(o.debug_rank_dump, "finetune", pruned, picks=picks)
+    return prune_report(o, run, dense.cpu(), pruned.cpu(), x, bundle, history, picks)
+
+
+def _recalibrate(o: JobOptions, model: nn.Module, train_loader, test_loader, before: dict) -> dict:
+    """BN recalibration after removal (`--bn-recal N` training batches, no gradient steps); returns the evaluation
+    the fine-tuning starts from (`before` itself when recalibration is off or the model has no BatchNorm)."""
+    used = 0
+    if o.bn_recal:
+        dev = E.resolve_device(o.device, E.get_local_rank())
+        used = E.recalibrate_bn(model.to(dev), train_loader, o.bn_recal, dev)
+        if E.is_distributed():  # each rank saw its own shard: every rank takes rank 0's statistics
+            import torch.distributed as dist
+
+            for buf in model.buffers():
+                dist.broadcast(buf, src=0)
+    model.cpu()
+    if not used:
+        return dict(before, bn_recal_batches=0)
+    return dict(evaluate_on(model, test_loader, o.device), bn_recal_batches=used)

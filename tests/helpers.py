@@ -24,6 +24,30 @@ def randomise_bn(model: nn.Module, seed: int = 0) -> None:
             m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.2)
 
 
+def regularize(reg, model: nn.Module, opt, batches, max_steps: int = 100_000) -> int:
+    """The plain user loop the README shows: forward, the method's extra loss (if any), backward, `after_backward`,
+    step, `on_step_end`, over `batches` ((x, y) pairs, cycled) until `reg.done()`. Returns the steps taken."""
+    import torch.nn.functional as F
+
+    steps = 0
+    while not reg.done():
+        for x, y in batches:
+            loss = F.cross_entropy(model(x), y)
+            term = reg.extra_loss() if hasattr(reg, "extra_loss") else None
+            if term is not None:
+                loss = loss + term
+            opt.zero_grad()
+            loss.backward()
+            reg.after_backward()
+            opt.step()
+            reg.on_step_end()
+            steps += 1
+            assert steps < max_steps, "the regularizer never finished"
+            if reg.done():
+                break
+    return steps
+
+
 # ---- benchmark scripts (benchmarks/*.py are scripts, not a package: loaded by path)
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 needs_fashion = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT_PATH),

@@ -14,6 +14,8 @@ from regprune.engine import recalibrate_bn
 from regprune.errors import UserError
 from regprune.methods.greg import GRegConfig
 
+from helpers import regularize
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -123,13 +125,7 @@ def test_greg_through_grouped_convs_prunes_whole_positions_and_verifies(method: 
     reg = regprune.regularizer(model, x, method, ratios="a:0.5", iters=40, lr_prune=0.01)
     assert reg.targets[0].ch_groups == 4
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    y = torch.randint(0, 5, (4,))
-    while not reg.done():
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        reg.after_backward()
-        opt.step()
-        reg.on_step_end()
+    regularize(reg, model, opt, [(x, torch.randint(0, 5, (4,)))])
     picks = reg.picks()["a"]
     assert len(picks) == 16
     rel = {i % 8 for i in picks}

@@ -15,6 +15,8 @@ from regprune.methods.base import PruneTarget
 from regprune.methods.greg import GReg, GRegConfig, MaskKeeper
 from regprune.methods.l1 import L1Pruner, filter_scores, pick_filters, select_indices
 
+from helpers import regularize
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -497,18 +499,7 @@ def test_short_run_separates_magnitudes(method: str) -> None:
     reg = GReg(targets, cfg, method=method)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     data = batches(20)
-    steps = 0
-    while not reg.done():  # the plain user loop from the module docstring
-        for x, y in data:
-            loss = F.cross_entropy(net(x), y)
-            opt.zero_grad()
-            loss.backward()
-            reg.after_backward()
-            opt.step()
-            reg.on_step_end()
-            steps += 1
-            if reg.done():
-                break
+    steps = regularize(reg, net, opt, data)  # the plain user loop from the module docstring
     assert steps == cfg.planned_iters(method)["total"] or reg.status()["stop_reason"] == "mag_ratio_limit"
     picks = reg.picks()
     for t in targets:

@@ -11,7 +11,7 @@ from regprune.counting import count_macs
 from regprune.methods.spm import GATES_ATTR, ChannelGate, GateSet, SPMRegularizer, insert_gates
 from regprune.reconfigure import reconfigure
 from regprune.models.cifar import PadShortcut
-from helpers import randomise_bn
+from helpers import randomise_bn, regularize
 
 
 def _random_gates(gates: GateSet, seed: int = 0) -> None:
@@ -448,19 +448,8 @@ def test_regularizer_spm_in_a_plain_loop_prunes_to_a_smaller_verified_model():
                                mac_norm="dense", alpha_nuc=0.0)
     assert isinstance(reg, GateRegularizer) and hasattr(model, GATES_ATTR)
     opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)  # built after: it holds the gates
-    steps = 0
-    while not reg.done():
-        idx = torch.randint(0, 32, (8,))
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        term = reg.extra_loss()
-        if term is not None:
-            loss = loss + term
-        opt.zero_grad()
-        loss.backward()
-        reg.after_backward()
-        opt.step()
-        reg.on_step_end()
-        steps += 1
+    batches = [(x[idx], y[idx]) for idx in torch.randint(0, 32, (10, 8))]
+    steps = regularize(reg, model, opt, batches)
     assert steps == 10 and reg.extra_loss() is None
     assert reg.status()["macs_fraction"] < 1.0 and reg.picks()
     model.eval()

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 import regprune
 from regprune.counting import count_macs
 
+from helpers import regularize
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -138,16 +140,7 @@ def test_regularizer_in_a_plain_training_loop():
     y = torch.randint(0, 10, (64,))
     reg = regprune.regularizer(model, x, method="greg1", ratios="c1:0.5", iters=200)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    steps = 0
-    while not reg.done():
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        reg.after_backward()
-        opt.step()
-        reg.on_step_end()
-        steps += 1
-        assert steps < 1000
+    assert regularize(reg, model, opt, [(x, y)], max_steps=1000) <= 200
     picks = reg.picks()["c1"]
     norms = model.c1.weight.detach().abs().flatten(1).mean(1)
     kept = [i for i in range(16) if i not in picks]

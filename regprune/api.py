@@ -48,8 +48,13 @@ def plan_targets(graph: GroupGraph, plan: Plan, coupled: bool = False, unstructu
         if unstructured:
             k = min(math.ceil(plan.ratios[root] * mod.weight.numel() - 1e-9), mod.weight.numel() - 1)
         # slices whose channel count differs from the root's (behind a concat or a grouped conv) are left out
-        slices = [c for c in graph.coupled_params(root, include_bn=True) if c[1].shape[c[2]] == mod.weight.shape[0]
-                  ] if coupled and not unstructured else []
+        group = graph.coupled_params(root, include_bn=True) if coupled and not unstructured else []
+        slices = [c for c in group if c[1].shape[c[2]] == mod.weight.shape[0]]
+        if len(slices) < len(group):
+            left = ", ".join(n for n, p, d in group if p.shape[d] != mod.weight.shape[0])
+            warnings.warn(f"{root}: the group penalty and criterion leave out {left} (behind a concat or a grouped "
+                          "conv, its channels do not line up with the root's); those slices are not penalised",
+                          stacklevel=3)
         blocks = graph.groups[root].ch_groups if root in graph.groups else 1
         targets.append(PruneTarget(root, mod, k, slices, blocks))
     return targets
@@ -203,14 +208,22 @@ class Regularizer:
 
         The removal is verified like every other (UserError and the model unchanged on a mismatch). Pass the
         training loop's `optimizer` to have it point at the new parameters with its momentum sliced to the kept
-        channels. A second call raises UserError."""
+        channels; for unstructured pruning, `optimizer` gets a step hook that keeps the pruned weights at zero. A
+        second call, or GReg-2 before its pick, raises UserError."""
         self._live("prune")
+        try:
+            self.greg.masks() if self.unstructured else self.greg.picks()
+        except RuntimeError as exc:  # GReg-2 before its pick
+            raise UserError(str(exc)) from None
         if self.unstructured:
             self.pruned = True
-            masks = self.greg.masks()
-            with torch.no_grad():
-                for t in self.targets:
-                    t.module.weight.mul_(masks[t.name].to(t.module.weight.dtype))
+            self.keeper = self.greg.mask_keeper()  # zeroes the pruned weights now
+            if optimizer is not None:
+                # the zeros hold through fine-tuning: re-applied after every step of the user's optimizer
+                optimizer.register_step_post_hook(lambda _opt, _args, _kwargs: self.keeper.apply())
+            else:
+                warnings.warn("unstructured prune() without optimizer=: the zeroed weights grow back when training "
+                              "goes on; pass optimizer= or add mask_keeper()'s hooks to the loop", stacklevel=2)
             return self.graph.model
         picks = self.greg.picks()
         _prune_with_optimizer(self.graph, picks, optimizer, self.include_coupled)
@@ -267,5 +280,18 @@ def regularizer(model: nn.Module, example_inputs: torch.Tensor, method: str = "g
                         "or prune them with method l1")
     if config is None:
         config_overrides.setdefault("unstructured", unstructured)
+        if "lr" in config_overrides:  # the optimizer's name for GReg's lr_prune
+            lr = config_overrides.pop("lr")
+            if config_overrides.get("lr_prune", lr) != lr:
+                raise UserError(f"lr={lr:g} and lr_prune={config_overrides['lr_prune']:g} disagree: they are the same "
+                                "setting")
+            config_overrides["lr_prune"] = lr
+        unknown = sorted(set(config_overrides) - {f.name for f in dataclasses.fields(GRegConfig)})
+        if unknown:
+            raise UserError(f"unknown GReg setting {unknown[0]!r}: expected a GRegConfig field (e.g. lr_prune, "
+                            "momentum, penalty, criterion, mag_ratio_limit)")
         config = GRegConfig.scaled(iters, method, **config_overrides) if iters else GRegConfig(**config_overrides)
+    warning = config.predict(method)["warning"]
+    if warning:
+        warnings.warn(f"GReg schedule: {warning}", stacklevel=2)
     return Regularizer(graph, plan, method, config, unstructured, include_coupled)

@@ -345,7 +345,7 @@ def make_plan(graph: GroupGraph, spec: str | None = None, *, speedup: float | No
     base = parse_ratios(spec, graph, skip) if spec else None
     if base is not None and not base:
         raise UserError(f"nothing to prune: the ratio spec {spec!r} gives no in-scope group a ratio above 0"
-                        + (" (after --skip)" if skip else ""))
+                        + (" (after --skip)" if skip else "") + ("" if graph.scope() else _coupled_hint(graph)))
     hint = None
     if base is None and skip and target_macs is not None:  # solve over the groups the plan will keep
         base = {g.root: 1.0 for g in graph.scope() if not any(fnmatch.fnmatchcase(g.root, p) for p in skip)}

@@ -185,3 +185,72 @@ def test_bn_recalibration_changes_only_running_statistics() -> None:
     assert recalibrate_bn(nn.Linear(3, 3), [torch.randn(2, 3)], batches=4) == 0
     with pytest.raises(ValueError, match="no batch"):
         recalibrate_bn(ConvBNConv(), [], batches=2)
+    # `batches` is a whole number: bools, floats and None are refused before anything runs
+    for bad in (True, 2.0, 2.5, None, "3"):
+        with pytest.raises(ValueError, match="batches must be"):
+            recalibrate_bn(model, data, batches=bad)
+    with pytest.raises(ValueError, match=">= 0"):
+        recalibrate_bn(model, data, batches=-1)
+    # a dict batch (keyword inputs) gets a clear TypeError, and the statistics are left as they were
+    stats = {n: b.clone() for n, b in model.named_buffers()}
+    for batch in ({"x": data[0][0]}, ({"x": data[0][0]}, data[0][1])):
+        with pytest.raises(TypeError, match="input tensors or \\(inputs, targets\\) pairs"):
+            recalibrate_bn(model, [batch], batches=1)
+    assert all(torch.equal(b, stats[n]) for n, b in model.named_buffers())
+
+
+def test_short_budget_advice_clears_its_own_warning_and_names_the_right_lever() -> None:
+    import re
+
+    for budget, momentum in ((100, 0.9), (3, 0.9), (300, 0.99)):
+        pred = GRegConfig.scaled(budget, "greg1", momentum=momentum).predict("greg1")
+        assert not pred["reaches"]
+        n = int(re.search(r"about (\d+) iterations", pred["warning"]).group(1))
+        assert GRegConfig.scaled(n, "greg1", momentum=momentum).predict("greg1")["reaches"]
+        # at the stability bound a larger learning rate changes nothing: the advice says so
+        assert "larger learning rate" not in pred["warning"] and "stability bound" in pred["warning"]
+    with pytest.raises(UserError, match="whole number"):
+        GRegConfig.scaled(100.7, "greg1")
+    with pytest.raises(UserError, match="whole number"):
+        GRegConfig.scaled(True, "greg1")
+    with pytest.raises(UserError, match="mag_ratio_limit"):
+        GRegConfig(mag_ratio_limit=1.0)
+    with pytest.raises(UserError, match="lr_prune"):
+        GRegConfig.scaled(100, "greg1", lr=float("inf"))
+    with pytest.raises(UserError, match="disagree"):
+        GRegConfig.scaled(100, "greg1", lr=0.01, lr_prune=0.1)
+
+
+def test_regularizer_settings_errors_and_schedule_warning() -> None:
+    with pytest.raises(UserError, match="unknown GReg setting 'foo'"):
+        regprune.regularizer(ConvBNConv(), _x(), "greg1", ratios="conv1:0.5", foo=1)
+    reg = regprune.regularizer(ConvBNConv(), _x(), "greg1", ratios="conv1:0.5", lr=0.02)  # the optimizer's name
+    assert reg.greg.config.lr_prune == 0.02
+    with pytest.warns(UserWarning, match="GReg schedule: the schedule integrates a decay"):
+        regprune.regularizer(ConvBNConv(), _x(), "greg1", ratios="conv1:0.5", iters=20)
+    early = regprune.regularizer(ConvBNConv(), _x(), "greg2", ratios="conv1:0.5", iters=200, lr_prune=0.01)
+    with pytest.raises(UserError, match="has not picked yet"):
+        early.prune()
+
+
+def test_unstructured_prune_with_optimizer_keeps_the_zeros_through_training() -> None:
+    torch.manual_seed(0)
+    model = ConvBNConv()
+    x, y = _x(8), torch.randint(0, 4, (8,))
+    reg = regprune.regularizer(model, x, "greg1", unstructured=True, sparsity=0.7, iters=30, lr_prune=0.01)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    regularize(reg, model, opt, [(x, y)])
+    reg.prune(optimizer=opt)
+    zeros = {n: (model.get_submodule(n).weight == 0).clone() for n in ("conv1", "conv2", "fc")}
+    for _ in range(5):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    for n, z in zeros.items():
+        w = model.get_submodule(n).weight
+        assert (w[z] == 0).all() and z.float().mean() >= 0.69
+    with pytest.warns(UserWarning, match="grow back"):
+        other = regprune.regularizer(ConvBNConv(), x, "greg1", unstructured=True, sparsity=0.5, iters=10)
+        while not other.done():
+            other.on_step_end()
+        other.prune()

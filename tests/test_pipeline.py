@@ -106,6 +106,17 @@ def test_l1_prune_command(tmp_path):
     assert got != json.loads((tmp_path / "l1" / "picks.json").read_text())
 
 
+def test_greg_run_warns_about_a_short_schedule(tmp_path):
+    # the schedule's own warning (what --dry-run prints) is said once when a real run starts regularizing, and kept
+    out = cli("prune", "--method", "greg1", "--model", "resnet20", "--base", "random", "--data", "digits",
+              "--speedup", "2", "--reg-iters", "20", "--ft-epochs", "0.05", "--limit-train", "64", "--limit-test", "32",
+              "--batch-size", "32", "--bn-recal", "1", "--out", str(tmp_path / "g"), "--no-progress")
+    warnings = [line for line in out.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "the schedule integrates a decay of" in warnings[0], out.stderr[-3000:]
+    report = json.loads((tmp_path / "g" / "report.json").read_text())
+    assert report["regularize"]["warning"] == warnings[0][len("warning: "):]
+
+
 class TinyNet(nn.Module):
     """A user's own model, not from the registry."""
 

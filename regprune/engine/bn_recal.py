@@ -9,6 +9,7 @@ BN buffers `running_mean`, `running_var` and `num_batches_tracked`.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -29,12 +30,17 @@ def _inputs(batch: Any) -> Any:
 def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int, device: str | torch.device | None = None) -> int:
     """Re-estimate every BatchNorm layer's running statistics on up to `batches` batches of `loader`.
 
-    `loader` yields input tensors (N, C, ...) or (inputs, targets) pairs. The model runs in train mode with gradients
-    off; afterwards each module's own train/eval flag and each BN layer's momentum are restored. Parameters, other
-    buffers and dropout-free outputs are untouched. Returns the number of batches used: 0 (and nothing changed)
-    when the model has no BatchNorm layer with running statistics or `batches` is 0. Raises ValueError for a
-    negative `batches`, and for a loader that yields nothing while `batches` > 0.
+    `loader` yields input tensors (N, C, ...) or (inputs, targets) pairs; `batches` is a whole number >= 0 (an int,
+    not a bool or float). The model runs in train mode with gradients off; afterwards each module's own train/eval
+    flag and each BN layer's momentum are restored. Parameters, other buffers and dropout-free outputs are
+    untouched. Returns the number of batches used: 0 (and nothing changed) when the model has no BatchNorm layer
+    with running statistics or `batches` is 0. Raises ValueError for a `batches` that is not an int >= 0 and for a
+    loader that yields nothing while `batches` > 0; TypeError for a dict batch (keyword inputs: call the model
+    yourself). On any error the BN statistics are left as they were.
     """
+    if isinstance(batches, bool) or not isinstance(batches, numbers.Integral):
+        raise ValueError(f"batches must be a whole number of batches (an int >= 0), got {batches!r}")
+    batches = int(batches)
     if batches < 0:
         raise ValueError(f"batches must be >= 0, got {batches}")
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
@@ -57,6 +63,9 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int, device: str
             if used >= batches:
                 break
             x = _inputs(batch)
+            if isinstance(batch, dict) or isinstance(x, dict):
+                raise TypeError("recalibrate_bn got a dict batch: pass batches of input tensors or (inputs, targets) "
+                                "pairs; for keyword inputs call the model yourself")
             x = x.to(device) if isinstance(x, torch.Tensor) else x
             model(x)
             used += 1

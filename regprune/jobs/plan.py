@@ -18,7 +18,7 @@ from ..report import format_table
 from ..surgery import apply_picks
 from .common import assumed_shapes, model_kwargs
 from .options import JobOptions
-from .prune import greg_config, prune_plan
+from .prune import check_plan_options, greg_config, prune_plan
 
 __all__ = ["prune_plan_text", "inspect_text"]
 
@@ -26,14 +26,19 @@ __all__ = ["prune_plan_text", "inspect_text"]
 def prune_plan_text(o: JobOptions) -> str:
     """The prune job's plan as lines of text: per-layer kept widths (or zeroed weights), MACs and speedup, GReg's
     schedule and its predicted effect, the fine-tuning; the dataset's shapes are assumed from its name (no data is
-    read). Raises UserError when the options plan nothing or make no sense."""
+    read). Raises UserError when the options plan nothing or make no sense (the run's checks that need no base
+    or data)."""
+    model_info(o.model)
+    check_plan_options(o)
     ch, size, classes, n = assumed_shapes(o)
     model = create_model(o.model, num_classes=classes, in_channels=ch, **model_kwargs(o))
     x = torch.zeros(1, ch, size, size)
     graph, plan = prune_plan(o, model, x)
     if o.sparsity is not None:
-        rows = [{"layer": r, "weights": graph.module(r).weight.numel(),
-                 "zeroed": math.ceil(plan.ratios[r] * graph.module(r).weight.numel() - 1e-9)} for r in plan.ratios]
+        # what the run zeroes: ceil(sparsity * n), keeping at least one weight per layer
+        sizes = {r: graph.module(r).weight.numel() for r in plan.ratios}
+        rows = [{"layer": r, "weights": n_w, "zeroed": min(math.ceil(plan.ratios[r] * n_w - 1e-9), n_w - 1)}
+                for r, n_w in sizes.items()]
     else:
         rows = [{"layer": r, "dense": graph.groups[r].channels, "kept": graph.groups[r].channels - k,
                  "ratio": f"{plan.ratios[r]:.3f}"} for r, k in plan.removal.items()]

@@ -26,7 +26,7 @@ from .debug import rank_dump
 from .options import JobOptions
 from .report import prune_report
 
-__all__ = ["prune_job", "greg_config", "prune_plan", "check_options"]
+__all__ = ["prune_job", "greg_config", "prune_plan", "check_options", "check_plan_options"]
 
 
 class _StatusLine:
@@ -54,6 +54,12 @@ def greg_config(o: JobOptions, steps_per_epoch: int) -> GRegConfig:
     """The paper's GReg schedule (budget-aware, scaled to --reg-iters when given, for the run's momentum), with any
     per-name overrides."""
     overrides = dict(o.greg)
+    if "lr" in overrides and not ("lr_prune" in overrides and overrides["lr"] == overrides["lr_prune"]):
+        raise UserError("--greg lr is not a GReg setting: use lr_prune (the regularization phase's learning rate)")
+    overrides.pop("lr", None)  # the same value as lr_prune: a redundant alias
+    if "momentum" in overrides and overrides["momentum"] != o.momentum:
+        raise UserError(f"--greg momentum={overrides['momentum']} differs from the optimizer's momentum "
+                        f"{o.momentum:g}: set it with --momentum (GReg's schedule follows it)")
     overrides.setdefault("pick", o.pick)
     overrides.setdefault("penalty", "group" if o.penalize_coupled else o.penalty)
     overrides.setdefault("criterion", o.criterion)
@@ -69,6 +75,7 @@ def greg_config(o: JobOptions, steps_per_epoch: int) -> GRegConfig:
 
 def prune_plan(o: JobOptions, model: nn.Module, x: torch.Tensor):
     """Graph and removal plan for the options (shared by the job and --dry-run)."""
+    _check_scope(o)
     graph = analyze(model, x, include_coupled=o.include_coupled)
     if o.sparsity is not None:
         if not o.unstructured:
@@ -80,6 +87,52 @@ def prune_plan(o: JobOptions, model: nn.Module, x: torch.Tensor):
     if not plan.removal:
         raise UserError("the ratios prune nothing: every selected layer keeps all its channels")
     return graph, plan
+
+
+def _check_scope(o: JobOptions) -> None:
+    """The unstructured scope (--sparsity) against the filter-plan options."""
+    if o.sparsity is not None and (o.ratios or o.speedup is not None or o.target_macs is not None):
+        raise UserError("give either --sparsity (unstructured) or --ratios/--speedup/--target-macs, not both")
+    if o.sparsity is not None and not o.unstructured:
+        raise UserError("--sparsity is the unstructured scope: add --unstructured")
+    if o.sparsity is not None and o.round_to is not None:
+        raise UserError("--round-to applies to filter plans, not to --sparsity: drop it")
+    if o.sparsity is not None and o.include_coupled:
+        raise UserError("--include-coupled applies to filter plans, not to --sparsity: drop it")
+
+
+def check_plan_options(o: JobOptions) -> None:
+    """The prune job's checks that need neither a base model nor data (the run and --dry-run both make them)."""
+    if o.method not in ("l1", "greg1", "greg2"):
+        raise UserError(f"unknown method {o.method!r}: expected l1, greg1 or greg2 (or use `regprune scratch`)")
+    if o.criterion not in CRITERIA:
+        raise UserError(f"unknown criterion {o.criterion!r}: expected one of {', '.join(CRITERIA)}")
+    # the same rules make_plan applies, checked here before any data is loaded
+    if o.speedup is not None and o.target_macs is not None:
+        raise UserError("give either --speedup or --target-macs, not both")
+    if o.speedup is not None and not o.speedup >= 1.0:
+        raise UserError(f"speedup {o.speedup:g} out of range: expected a number >= 1")
+    if o.target_macs is not None and not 0.0 < o.target_macs <= 1.0:
+        raise UserError(f"MACs target {o.target_macs:g} out of range: expected a kept fraction in (0, 1]")
+    _check_scope(o)
+    if o.bn_recal < 0:
+        raise UserError(f"--bn-recal must be >= 0 batches, got {o.bn_recal}")
+    if o.unstructured and o.method == "l1":
+        raise UserError("unstructured pruning is available for greg1 and greg2")
+    if o.method == "l1":
+        given = [flag for flag, on in (("--penalty group", o.penalty == "group" or o.penalize_coupled),
+                                       ("--greg", bool(o.greg)), ("--reg-iters", o.reg_iters is not None),
+                                       ("--reg-batch-size", o.reg_batch_size is not None)) if on]
+        if given:
+            raise UserError(f"{given[0]} is a GReg option; --method l1 has no regularization phase")
+    if not o.ratios and o.speedup is None and o.target_macs is None and o.sparsity is None:
+        raise UserError("say how much to prune: --ratios SPEC, --speedup X, --target-macs F (or --unstructured "
+                        "--sparsity F)")
+    if o.method != "l1":
+        cfg = greg_config(o, 1)
+        train_config(o, epochs=1, lr=cfg.lr_prune, schedule="constant", warmup=0.0,
+                      max_steps=cfg.planned_iters(o.method)["total"]).validate()
+    train_config(o, epochs=o.ft_epochs, lr=o.ft_lr, schedule=o.ft_lr_schedule, warmup=o.ft_warmup_epochs).validate()
 
 
 def check_options(o: JobOptions, job: str) -> None:
@@ -99,30 +152,7 @@ def check_options(o: JobOptions, job: str) -> None:
         raise UserError(NO_BASE)
     if o.base == "pretrained":
         check_pretrained(o)
-    # the same rules make_plan applies, checked here before any data is loaded
-    if o.speedup is not None and o.target_macs is not None:
-        raise UserError("give either --speedup or --target-macs, not both")
-    if o.speedup is not None and not o.speedup >= 1.0:
-        raise UserError(f"speedup {o.speedup:g} out of range: expected a number >= 1")
-    if o.target_macs is not None and not 0.0 < o.target_macs <= 1.0:
-        raise UserError(f"MACs target {o.target_macs:g} out of range: expected a kept fraction in (0, 1]")
-    if o.sparsity is not None and (o.ratios or o.speedup is not None or o.target_macs is not None):
-        raise UserError("give either --sparsity (unstructured) or --ratios/--speedup/--target-macs, not both")
-    if o.sparsity is not None and not o.unstructured:
-        raise UserError("--sparsity is the unstructured scope: add --unstructured")
-    if o.bn_recal < 0:
-        raise UserError(f"--bn-recal must be >= 0 batches, got {o.bn_recal}")
-    if o.unstructured and o.method == "l1":
-        raise UserError("unstructured pruning is available for greg1 and greg2")
-    if not o.ratios and o.speedup is None and o.target_macs is None and o.sparsity is None:
-        raise UserError("say how much to prune: --ratios SPEC, --speedup X, --target-macs F (or --unstructured "
-                        "--sparsity F)")
-    if o.method != "l1":
-        cfg = greg_config(o, 1)
-        train_config(o, epochs=1, lr=cfg.lr_prune, schedule="constant", warmup=0.0,
-                      max_steps=cfg.planned_iters(o.method)["total"]).validate()
-    train_config(o, epochs=o.ft_epochs, lr=o.ft_lr, schedule=o.ft_lr_schedule, warmup=o.ft_warmup_epochs).validate()
-
+    check_plan_options(o)
 
 
 def prune_job(o: JobOptions, run: RunDir) -> dict[str, Any]:
@@ -161,6 +191,9 @@ def prune_job(o: JobOptions, run: RunDir) -> dict[str, Any]:
             model, _ = load_model(run.file("regularized.safetensors"), model=model)
             reg.load_state_dict(E.safe_load(run.file("greg_state.pt")))
         else:
+            warning = cfg.predict(o.method)["warning"]
+            if warning and E.is_main():
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
             tcfg = train_config(o, epochs=1, lr=cfg.lr_prune, schedule="constant", warmup=0.0,
                                  max_steps=cfg.planned_iters(o.method)["total"])
             trainer = E.Trainer(model, reg_loader, test_loader, tcfg, run_dir=run.path, phase="regularize",
@@ -170,7 +203,8 @@ def prune_job(o: JobOptions, run: RunDir) -> dict[str, Any]:
             if E.is_main():
                 save_model(model, run.file("regularized.safetensors"))
                 E.atomic_save(reg.state_dict(), run.file("greg_state.pt"))
-            run.mark("regularize", regularize={"status": reg.status(), "eval": evaluate_on(model, test_loader, o.device)})
+            run.mark("regularize", regularize={"status": reg.status(), "eval": evaluate_on(model, test_loader, o.device),
+                                               "warning": warning})
             model.cpu()
         history = reg.greg.history
         if o.unstructured:

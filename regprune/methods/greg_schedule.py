@@ -119,9 +119,12 @@ class GRegConfig:
         if self.update_reg_interval < 1:
             raise UserError(f"update_reg_interval must be >= 1, got {self.update_reg_interval}")
         for name in ("reg_granularity_prune", "reg_granularity_pick", "reg_upper_limit",
-                     "reg_upper_limit_pick", "mag_ratio_limit"):
-            if not getattr(self, name) > 0:
-                raise UserError(f"{name} must be > 0, got {getattr(self, name)}")
+                     "reg_upper_limit_pick", "lr_prune"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise UserError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+        if not 1 < self.mag_ratio_limit < math.inf:
+            raise UserError(f"mag_ratio_limit is a kept/pruned magnitude ratio: a finite number > 1, got "
+                            f"{self.mag_ratio_limit}")
         if self.stabilize_reg_interval < 0:
             raise UserError(f"stabilize_reg_interval must be >= 0, got {self.stabilize_reg_interval}")
         if self.pick not in PICK_MODES:
@@ -137,8 +140,6 @@ class GRegConfig:
             raise UserError("the group penalty and criterion apply to channels; they cannot be combined with unstructured")
         if not 0.0 <= self.momentum < 1.0:
             raise UserError(f"momentum must be in [0, 1), got {self.momentum}")
-        if not self.lr_prune > 0:
-            raise UserError(f"lr_prune must be > 0, got {self.lr_prune}")
         if self.record_every is not None and self.record_every < 1:
             raise UserError(f"record_every must be >= 1, got {self.record_every}")
         if self.history_points < 2:
@@ -199,10 +200,15 @@ class GRegConfig:
             warning = (f"lr*lambda reaches {lr_lam:.3g}, above the stability bound {bound:.3g} for momentum "
                        f"{self.momentum:g}: pruned filters will ring instead of decaying; lower the ceiling or the lr")
         elif decay < needed:
+            # decay grows about linearly with the budget at fixed levels; 10% over that clears the rounding
+            iters = math.ceil(1.1 * needed / max(decay, 1e-12) * self.planned_iters(m)["total"])
+            at_bound = lr_lam >= 0.99 * bound
+            how = (f"the penalty is already at the stability bound for momentum {self.momentum:g}, so only more "
+                   f"iterations (or a lower momentum, whose bound is higher) raise it" if at_bound
+                   else "or a larger learning rate")
             warning = (f"the schedule integrates a decay of {decay:.2f}, short of ln({self.mag_ratio_limit:g}) = "
                        f"{needed:.2f}: pruned filters end only ~{math.exp(decay):.3g}x below the kept ones; give it "
-                       f"about {math.ceil(needed / max(decay, 1e-12) * self.planned_iters(m)['total'])} iterations or "
-                       f"a larger learning rate")
+                       f"about {iters} iterations ({how})")
         return {
             "method": m, "pick_decay": per * pick_sum, "integrated_decay": decay, "needed": needed,
             "predicted_ratio": math.exp(min(decay, 700.0)), "lr_lambda_max": lr_lam, "stability_bound": bound,
@@ -226,10 +232,13 @@ class GRegConfig:
         iterations would. The paper's full schedules are the unscaled defaults. Raises UserError for a budget < 1; budgets under ~10
         iterations cannot keep every phase and overshoot by a few steps.
         """
-        if budget_iters < 1:
-            raise UserError(f"the iteration budget must be >= 1, got {budget_iters}")
+        if isinstance(budget_iters, bool) or int(budget_iters) != budget_iters or budget_iters < 1:
+            raise UserError(f"the iteration budget must be a whole number >= 1, got {budget_iters!r}")
+        budget_iters = int(budget_iters)
         m = norm_method(method)
         if lr is not None:
+            if "lr_prune" in overrides and overrides["lr_prune"] != lr:
+                raise UserError(f"lr={lr:g} and lr_prune={overrides['lr_prune']:g} disagree: they are the same setting")
             overrides["lr_prune"] = lr
         if momentum is not None:
             overrides["momentum"] = momentum

@@ -528,13 +528,21 @@ def trial_graph(model: nn.Module, example_inputs: Any, roots: Sequence[str] | No
 
 
 def model_family(model: nn.Module) -> str | None:
-    """'resnet', 'vgg' or None (any other model), from the registry name the model was built under."""
+    """'resnet', 'vgg' or None (any other model): from the registry name the model was built under, else from its
+    class when it is torchvision's own ResNet (ResNeXt, Wide ResNet) or VGG built directly, so a user's
+    `torchvision.models.resnet50()` gets the papers' scope just as `create_model("torchvision.resnet50")` does."""
     name = getattr(model, "regprune_arch", {}).get("name", "")
     base = name.split(".", 1)[-1]
     if re.match(r"(resnet|wide_resnet|resnext)\d", base):
         return "resnet"
     if base.startswith("vgg"):
         return "vgg"
+    if not name:
+        cls = type(model)
+        if cls.__module__ == "torchvision.models.resnet" and cls.__name__ == "ResNet":
+            return "resnet"
+        if cls.__module__ == "torchvision.models.vgg" and cls.__name__ == "VGG":
+            return "vgg"
     return None
 
 

@@ -144,3 +144,17 @@ def test_window_attention_models_are_analysed_fast(name, size):
     mlp = [grp for grp in g.groups.values() if grp.root.endswith(("mlp.0", "mlp_layer.1"))]
     assert mlp and all(grp.in_scope and grp.kind == "block-internal" for grp in mlp)
     assert all(grp.in_scope or grp.reason for grp in g.groups.values())
+
+
+def test_torchvision_resnet_built_directly_gets_the_papers_scope():
+    """A user's own `torchvision.models.resnet50()` (not from the registry) keeps its stem, as the registry's does."""
+    import torchvision
+
+    from regprune.graph import model_family
+
+    assert model_family(torchvision.models.resnet18(num_classes=10)) == "resnet"
+    assert model_family(torchvision.models.vgg11(num_classes=10)) == "vgg"
+    assert model_family(torchvision.models.mobilenet_v2(num_classes=10)) is None
+    x = torch.randn(1, 3, 64, 64)
+    direct = regprune.prune(torchvision.models.resnet50(num_classes=10), x, ratios="0.5")
+    assert direct.model.conv1.out_channels == 64 and "conv1" not in direct.picks

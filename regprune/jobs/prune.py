@@ -192,7 +192,7 @@ def prune_job(o: JobOptions, run: RunDir) -> dict[str, Any]:
             reg.load_state_dict(E.safe_load(run.file("greg_state.pt")))
         else:
             warning = cfg.predict(o.method)["warning"]
-            if warning and E.is_main():
+            if warning and E.is_main() and run.checkpoint("regularize") is None:  # said once, not again on resume
                 print(f"warning: {warning}", file=sys.stderr, flush=True)
             tcfg = train_config(o, epochs=1, lr=cfg.lr_prune, schedule="constant", warmup=0.0,
                                  max_steps=cfg.planned_iters(o.method)["total"])

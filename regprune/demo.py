@@ -23,7 +23,7 @@ def run_demo(out: str | Path = "runs/demo", overwrite: bool = False, quick: bool
     print(f"[1/2] training the dense base: {base.model} on {base.data}, {base.epochs:g} epochs", flush=True)
     train_job(base, RunDir(base.out))
     prune = JobOptions(**common, out=str(out / "greg1"), method="greg1", base=str(out / "base" / "model.safetensors"),
-                       speedup=2.0, reg_iters=30 if quick else 250, ft_epochs=1 if quick else 3, ft_lr=0.01,
+                       speedup=2.0, reg_iters=30 if quick else 600, ft_epochs=1 if quick else 3, ft_lr=0.01,
                        ft_lr_schedule="cosine")
     print(f"[2/2] GReg-1 to {prune.speedup:g}x fewer MACs ({prune.reg_iters} regularization iterations), "
           f"then {prune.ft_epochs:g} fine-tuning epochs", flush=True)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["COUNTED", "call_model", "channels", "count_macs", "count_params", "hooked_forward", "is_counted",
+__all__ = ["COUNTED", "call_model", "output_tensors", "channels", "count_macs", "count_params", "hooked_forward", "is_counted",
            "is_depthwise", "kept_layer_macs", "layer_macs", "macs_hook", "uncounted_layers"]
 
 COUNTED: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
@@ -83,6 +83,20 @@ def kept_layer_macs(macs, c_out: int, c_in: int, removed_out=0, removed_in=0, de
     if depthwise:
         return macs * f_out
     return macs * f_out * (1 - removed_in / c_in)
+
+
+def output_tensors(out: Any, strict: bool = False) -> list[torch.Tensor]:
+    """The tensors of a model output (a tensor, or nested tuples/lists/dicts of them), depth first, dict values in
+    insertion order. Other leaves are skipped, or with `strict=True` raise TypeError naming their type."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in output_tensors(o, strict)]
+    if strict:
+        raise TypeError(type(out).__name__)
+    return []
 
 
 def call_model(model: nn.Module, example_inputs: Any) -> Any:

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from .counting import output_tensors
 from .errors import UserError
 from .io import atomic_path
 from .models import model_info
@@ -107,14 +108,11 @@ class OnnxExport(os.PathLike):
 
 
 def _outputs(out: Any) -> list[torch.Tensor]:
-    """A forward's tensors in order (a tensor, or a tuple/list/dict of them)."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _outputs(o)]
-    raise UserError(f"the model returns {type(out).__name__}, not tensors: ONNX export needs tensor outputs")
+    """A forward's tensors in order (a tensor, or a tuple/list/dict of them); UserError for any other output."""
+    try:
+        return output_tensors(out, strict=True)
+    except TypeError as exc:
+        raise UserError(f"the model returns {exc}, not tensors: ONNX export needs tensor outputs") from None
 
 
 def export_module(model: nn.Module, example: torch.Tensor, path: str | os.PathLike, *, opset: int = 17) -> Path:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .counting import call_model
+from .counting import call_model, output_tensors
 from .errors import UserError
-from .methods.gate_probe import output_tensors
 from .methods.gates import GateSet, gate_graph
 from .methods.spm import SPMRegularizer
 from .surgery import apply_picks
+from .verify import modes_kept
 
 __all__ = ["reconfigure"]
 
@@ -38,12 +38,9 @@ def reconfigure(model: nn.Module, gates: GateSet | SPMRegularizer, example_input
         raise UserError("reconfigure: the gates were already removed from this model")
     picks = gateset.picks()
     old_groups = gateset.groups
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    with torch.no_grad():
+    with modes_kept(model), torch.no_grad():
+        model.eval()
         gated = [t.detach().clone() for t in output_tensors(call_model(model, example_inputs))]
-    for m, t in modes.items():
-        m.train(t)
     gateset.remove()
     graph = gate_graph(model, example_inputs)
     new_picks: dict[str, list[int]] = {}
@@ -58,12 +55,9 @@ def reconfigure(model: nn.Module, gates: GateSet | SPMRegularizer, example_input
     if before_surgery is not None:
         before_surgery(new_picks)
     pruned = apply_picks(graph, new_picks) if new_picks else model
-    modes = {m: m.training for m in pruned.modules()}
-    pruned.eval()
-    with torch.no_grad():
+    with modes_kept(pruned), torch.no_grad():
+        pruned.eval()
         now = output_tensors(call_model(pruned, example_inputs))
-    for m, t in modes.items():
-        m.train(t)
     worst = max((float((a - b).abs().max()) / max(1.0, float(b.abs().max())) for a, b in zip(now, gated)),
                 default=0.0)
     if len(now) != len(gated) or worst > 1e-4:

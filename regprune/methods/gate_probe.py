@@ -16,11 +16,11 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_map
 
-from ..counting import call_model
+from ..counting import call_model, output_tensors
 from ..graph import ChannelGroup, GroupGraph
 from ..models.cifar import PadShortcut
 
-__all__ = ["ActivationProbe", "gate_sites", "output_tensors", "writers"]
+__all__ = ["ActivationProbe", "gate_sites", "writers"]
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
@@ -152,17 +152,6 @@ class ActivationProbe:
                 if not any(name.startswith(c + ".") for c in chosen):
                     chosen.append(name)
         return [(name, "input") for name in chosen]
-
-
-def output_tensors(out: Any) -> list[torch.Tensor]:
-    """The tensors of a model output (a tensor, or nested tuples/lists/dicts of them), depth first."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in output_tensors(o)]
-    return []
 
 
 def gate_sites(graph: GroupGraph, g: ChannelGroup, probe: ActivationProbe) -> list[tuple[str, str, int]]:

@@ -249,13 +249,15 @@ class GRegConfig:
         grow_iters = plan["grow"] * factor
         interval = min(base.update_reg_interval, max(1, int(grow_iters // _MIN_GROW_UPDATES)))
         n_grow = max(2, round(grow_iters / interval))
-        stab = max(1, round(plan["stabilize"] * factor)) if base.stabilize_reg_interval > 0 else 0
+        n_pick = max(2, round(plan["pick"] * factor / interval)) if m == "greg2" else 0
+        stab = 0
+        if base.stabilize_reg_interval > 0:  # the paper's share, within what the updates leave of the budget
+            stab = max(1, min(round(plan["stabilize"] * factor), budget_iters - interval * (n_pick + n_grow)))
         per = base.lr_prune / (1.0 - base.momentum)
         cap = stability_bound(base.momentum) / base.lr_prune  # the largest stable lambda
         changes: dict[str, object] = {"update_reg_interval": interval, "stabilize_reg_interval": stab}
         start = 0.0
         if m == "greg2":
-            n_pick = max(2, round(plan["pick"] * factor / interval))
             # sum of lambda over the pick phase = interval * top * (n_pick - 1) / 2
             top = paper.predict(m)["pick_decay"] / (per * interval * (n_pick - 1) / 2)
             top = min(top, cap / 2)  # leave the push phase room to grow
@@ -264,10 +266,6 @@ class GRegConfig:
             start = top
         # grow from `start` by g per update for n_grow updates to `final`, then hold `final` for `stab` iterations:
         # sum of lambda = interval * start * (n_grow + 1) / 2 + final * (interval * (n_grow - 1) / 2 + stab)
-        if stab:  # the stabilize phase takes what the updates leave, so the schedule fits the budget
-            used = interval * (n_grow + (n_pick if m == "greg2" else 0))
-            stab = max(1, min(stab, budget_iters - used)) if budget_iters > used else 1
-            changes["stabilize_reg_interval"] = stab
         target = _DECAY_HEADROOM * math.log(base.mag_ratio_limit) / per
         a = interval * start * (n_grow + 1) / 2
         b = interval * (n_grow - 1) / 2 + stab

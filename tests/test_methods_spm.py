@@ -56,6 +56,20 @@ def test_ste_passes_gradient_unchanged():
     assert torch.equal(gate(x), x * m.detach().view(1, 5, 1, 1))
 
 
+def test_frozen_on_off_set_moves_with_the_module_and_stays_out_of_the_state_dict():
+    # a frozen gate's on/off set must follow model.to(device) (a CUDA scratch job moves the model between the
+    # GPU and the CPU after freezing), and the model's state dict keeps its keys
+    gate = ChannelGate(4, init=0.6)
+    keys = set(gate.state_dict())
+    gate.fix()
+    assert "fixed" in dict(gate.named_buffers())
+    assert set(gate.state_dict()) == keys
+    gate.to(torch.device("meta"))
+    assert gate.fixed.device.type == "meta" and gate.weight.device.type == "meta"
+    gate.unfix()
+    assert gate.fixed is None
+
+
 def test_gate_never_empty_and_periodic():
     gate = ChannelGate(6, init=0.1)
     with torch.no_grad():

@@ -196,8 +196,16 @@ def _pretrained(o: JobOptions, bundle: DataBundle) -> nn.Module:
 
 
 def evaluate_on(model: nn.Module, loader, device: str) -> dict[str, float]:
-    """Test metrics ("top1", "top5" in %, "loss") of `model` over `loader` on `device` ("auto", "cpu", "cuda")."""
-    return E.evaluate(model, loader, E.resolve_device(device, E.get_local_rank()))
+    """Test metrics ("top1", "top5" in %, "loss") of `model` over `loader` on `device` ("auto", "cpu", "cuda").
+
+    The model is moved to `device` for the evaluation and back to the device its parameters were on."""
+    dev = E.resolve_device(device, E.get_local_rank())
+    first = next(model.parameters(), None)
+    home = first.device if first is not None else torch.device("cpu")
+    try:
+        return E.evaluate(model.to(dev), loader, dev)
+    finally:
+        model.to(home)
 
 
 def summary_row(label: str, model: nn.Module, x: torch.Tensor, metrics: dict[str, float] | None) -> dict[str, Any]:

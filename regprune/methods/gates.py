@@ -56,7 +56,9 @@ class ChannelGate(nn.Module):
         self.threshold = threshold
         self.min_on = min_on
         self.weight = nn.Parameter(torch.full((channels // repeat,), float(init)))
-        self.fixed: torch.Tensor | None = None  # the on/off set once frozen
+        # the on/off set once frozen: a buffer, so it moves with the module (.to(device)); not in the state dict
+        # (SPM's own state carries it)
+        self.register_buffer("fixed", None, persistent=False)
 
     def fix(self) -> None:
         """Freeze the on/off set: the mask no longer follows the weight, whose gradient becomes zero."""

@@ -47,14 +47,22 @@ class MaskKeeper:
     def apply(self) -> None:
         """Zero the pruned weights now."""
         with torch.no_grad():
-            for _, w, keep in self._pairs:
+            for w, keep in self._placed():
                 w.masked_fill_(~keep, 0.0)
 
     def after_backward(self, trainer: object = None) -> None:
         """Zero the gradients of pruned weights so optimizer state never accumulates for them."""
-        for _, w, keep in self._pairs:
+        for w, keep in self._placed():
             if w.grad is not None:
                 w.grad.masked_fill_(~keep, 0.0)
+
+    def _placed(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """(weight, keep mask) pairs with each mask on its weight's current device (a trainer may have moved the
+        model since the masks were made)."""
+        for i, (name, w, keep) in enumerate(self._pairs):
+            if keep.device != w.device:
+                self._pairs[i] = (name, w, keep.to(w.device))
+        return [(w, keep) for _, w, keep in self._pairs]
 
     def on_step_end(self, trainer: object = None) -> None:
         """Re-zero the pruned weights after the optimizer step."""

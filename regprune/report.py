@@ -16,9 +16,9 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["compare_latency", "onnxruntime_latency", "try_onnxruntime_latency", "latency_lines", "measure_interleaved", "latency_verdict", "system_load",
-           "LatencyStats", "LatencyVerdict", "LatencyComparison", "format_table", "write_widths", "plot_lines",
-           "plot_widths", "layer_widths"]
+__all__ = ["compare_latency", "onnxruntime_latency", "try_onnxruntime_latency", "latency_lines", "measure_interleaved",
+           "latency_verdict", "system_load", "LatencyStats", "LatencyVerdict", "LatencyComparison", "format_table",
+           "write_widths", "pyplot", "plot_lines", "plot_widths", "plot_filter_norms", "layer_widths"]
 
 
 @dataclass
@@ -306,7 +306,9 @@ def write_widths(path: Path, dense: nn.Module, pruned: nn.Module) -> dict[str, d
     return data
 
 
-def _plt():
+def pyplot():
+    """`matplotlib.pyplot` with the headless Agg backend selected (figures go to files only). Raises
+    ModuleNotFoundError when matplotlib is not installed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -315,10 +317,13 @@ def _plt():
     return plt
 
 
+_plt = pyplot  # the former name, still imported by benchmarks/
+
+
 def plot_lines(path: Path, series: dict[str, tuple[Iterable[float], Iterable[float]]], xlabel: str, ylabel: str,
                title: str, logy: bool = False, hline: float | None = None) -> Path:
     """One line per series (x values, y values) to a PNG."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     for label, (xs, ys) in series.items():
         ax.plot(list(xs), list(ys), label=label, linewidth=1.2)
@@ -340,7 +345,7 @@ def plot_lines(path: Path, series: dict[str, tuple[Iterable[float], Iterable[flo
 
 def plot_widths(path: Path, widths: dict[str, dict[str, int]], title: str = "kept width per layer") -> Path:
     """Bar chart of dense vs kept widths per conv/linear layer."""
-    plt = _plt()
+    plt = pyplot()
     names = list(widths)
     fig, ax = plt.subplots(figsize=(max(6.4, 0.18 * len(names)), 4.0), dpi=110)
     xs = range(len(names))
@@ -362,7 +367,7 @@ def plot_filter_norms(path: Path, history: list[dict], layer: str, picks: list[i
     pts = [(h["iter"], h["norms"][layer]) for h in history if layer in h.get("norms", {})]
     if not pts:
         return None
-    plt = _plt()
+    plt = pyplot()
     iters = [p[0] for p in pts]
     norms = torch.tensor([p[1] for p in pts])
     pruned = set(picks or [])

@@ -1,12 +1,10 @@
 """Verification of every channel removal, and the per-group safety trial that decides the pruning scope.
 
 The rule: a physically pruned network must compute exactly what the dense network computes once the removed
-channels are ignored by every layer that reads them. The reference is therefore the dense model with the
-*input* columns of every consumer of a removed channel set to zero (conv / linear input channels, a transposed
-conv's input rows, an option-A shortcut's index). That reference is right whatever sits between producer and
-consumer (BatchNorm shifts, per-channel bias parameters, activations, squeeze-excitation gates), and it is
-compared with the pruned model on the example inputs in eval mode and in train mode (dropout off, the same RNG
-state, BatchNorm running statistics restored afterwards).
+channels are ignored by every layer that reads them. The reference (`regprune.reference`) is the dense model
+with the *input* columns of every consumer of a removed channel set to zero; `verify_outputs` compares the
+pruned model with it on the example inputs in eval mode and in train mode (dropout off, the same RNG state,
+BatchNorm running statistics restored afterwards; see `regprune.forward`).
 
 A group whose removal cannot be shown exact this way is unsafe: `group_safety` cuts a few channels of every
 candidate group on a copy of the model, verifies, and bisects to the failing groups (cached per architecture).
@@ -23,15 +21,17 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
-from .counting import call_model, is_depthwise
 from .errors import UserError
-from .models.cifar import PadShortcut
+# the side-effect-free runs and the reference, importable from here as well
+from .forward import (buffers_kept, check_example_inputs, cloned_inputs, float64_copy, modes_kept, run_in_mode,
+                      train_batch)
+from .reference import consumer_columns, zero_consumers
 
-__all__ = ["RTOL", "Verification", "Mismatch", "verify_outputs", "zero_consumers", "ModelSnapshot", "modes_kept",
-           "group_safety", "train_batch", "check_example_inputs"]
+__all__ = ["RTOL", "RTOL_FLOAT32", "Verification", "Mismatch", "verify_outputs", "ModelSnapshot", "group_safety",
+           "trial_picks", "zero_consumers", "consumer_columns", "modes_kept", "buffers_kept", "cloned_inputs",
+           "run_in_mode", "train_batch", "float64_copy", "check_example_inputs"]
 
 RTOL = 1e-6  # largest |pruned - reference| allowed, relative to the reference output's largest magnitude (float64)
 RTOL_FLOAT32 = 1e-4  # the same, for models that cannot run in float64
@@ -52,70 +52,17 @@ class Verification:
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
+        """The JSON-able record stored with a pruned model (`regprune_verification`): verified, modes, outputs,
+        max_rel_diff, tolerance, notes."""
         return {"verified": True, "modes": self.modes, "outputs": self.outputs,
                 "max_rel_diff": self.max_rel_diff, "tolerance": self.tolerance, "notes": self.notes}
 
     def summary(self) -> str:
+        """One line for people: what was compared, in which modes, and the largest relative difference."""
         note = f"; {'; '.join(self.notes)}" if self.notes else ""
         return (f"verified: pruned == dense with removed channels zeroed, {self.outputs} output(s), "
                 f"{' and '.join(self.modes)} mode, max relative difference {self.max_rel_diff:.1e} "
                 f"(tolerance {self.tolerance:.0e}){note}")
-
-
-def check_example_inputs(example_inputs: Any) -> Any:
-    """Validate the forms a forward accepts: a tensor, a tuple/list of positional inputs, or a dict of keyword
-    inputs (tensors or plain values). Raises UserError otherwise."""
-    if isinstance(example_inputs, torch.Tensor):
-        return example_inputs
-    if isinstance(example_inputs, (tuple, list, dict)) and example_inputs:
-        leaves, _ = tree_flatten(example_inputs)
-        if any(isinstance(t, torch.Tensor) for t in leaves):
-            return example_inputs
-    raise UserError("example_inputs must be a tensor, a tuple/list of positional inputs or a dict of keyword "
-                    f"inputs holding at least one tensor (got {type(example_inputs).__name__})")
-
-
-def _batch(example_inputs: Any) -> int | None:
-    for t in tree_flatten(example_inputs)[0]:
-        if isinstance(t, torch.Tensor) and t.dim() > 0:
-            return int(t.shape[0])
-    return None
-
-
-def train_batch(example_inputs: Any) -> Any:
-    """Example inputs with a batch of at least 2 (train-mode BatchNorm needs it): a batch of 1 gets a second,
-    perturbed sample (integer tensors, e.g. token ids, are repeated)."""
-    if _batch(example_inputs) != 1:
-        return example_inputs
-    gen = torch.Generator().manual_seed(0)
-
-    def grow(t):
-        if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != 1:
-            return t
-        if t.is_floating_point():
-            noise = torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)
-            return torch.cat([t, t * 0.5 + noise * (t.detach().abs().mean() + 1.0)])
-        return torch.cat([t, t])
-    return tree_map(grow, example_inputs)
-
-
-@contextlib.contextmanager
-def _dropout_off() -> Iterator[None]:
-    """Dropout (module or functional) passes its input through: train mode stays comparable across widths."""
-    names = ["dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"]
-    saved = {n: getattr(F, n) for n in names if hasattr(F, n)}
-    try:
-        for n in saved:
-            setattr(F, n, lambda input, *a, **k: input)
-        yield
-    finally:
-        for n, fn in saved.items():
-            setattr(F, n, fn)
-
-
-def _stochastic_modules(model: nn.Module) -> list[nn.Module]:
-    # drop-path / stochastic depth modules draw per-sample masks of their own
-    return [m for m in model.modules() if any(s in type(m).__name__ for s in ("DropPath", "StochasticDepth", "DropBlock"))]
 
 
 class ModelSnapshot:
@@ -130,6 +77,7 @@ class ModelSnapshot:
         self.buffers = [(m, k, b) for m in model.modules() for k, b in m._buffers.items() if b is not None]
 
     def restore(self) -> None:
+        """Put the model back as it was at the snapshot, in place (modules, tables, tensors' data and grads)."""
         for m, attrs, params, buffers in self.modules:
             m.__dict__.clear()
             m.__dict__.update(attrs)
@@ -142,49 +90,9 @@ class ModelSnapshot:
             p.grad = grad
 
 
-@contextlib.contextmanager
-def buffers_kept(model: nn.Module) -> Iterator[None]:
-    """Train-mode forwards update BatchNorm running statistics: put them back afterwards."""
-    saved = [(m, k, b.detach().clone()) for m in model.modules() for k, b in m._buffers.items() if b is not None]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for m, k, b in saved:
-                cur = m._buffers.get(k)
-                if cur is not None and cur.shape == b.shape:
-                    cur.copy_(b)
-
-
-@contextlib.contextmanager
-def modes_kept(model: nn.Module) -> Iterator[None]:
-    """Put every module's own train/eval flag back afterwards (a frozen-BN backbone stays in eval mode)."""
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        yield
-    finally:
-        for m, f in flags:
-            m.training = f
-
-
-def cloned_inputs(inputs: Any) -> Any:
-    """Copies of the input tensors, so a forward with in-place ops cannot change the caller's examples."""
-    return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, inputs)
-
-
-def run_in_mode(model: nn.Module, inputs: Any, train: bool) -> Any:
-    """`model`'s output on a copy of `inputs` in train (`train=True`) or eval mode; every module's own mode flag is
-    restored afterwards."""
-    with modes_kept(model):
-        model.train(train)
-        for m in _stochastic_modules(model):
-            m.eval()
-        with torch.no_grad(), _dropout_off(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            return call_model(model, cloned_inputs(inputs))
-
-
 def _compare(ref_out: Any, out: Any, mode: str, rtol: float) -> tuple[int, float]:
+    """(tensor outputs compared, largest relative difference) of two outputs of the same structure; Mismatch
+    otherwise."""
     ref_leaves, ref_spec = tree_flatten(ref_out)
     leaves, spec = tree_flatten(out)
     if len(ref_leaves) != len(leaves):
@@ -211,11 +119,6 @@ def _compare(ref_out: Any, out: Any, mode: str, rtol: float) -> tuple[int, float
                            f"(tolerance {rtol:.0e})")
         worst = max(worst, rel)
     return n, worst
-
-
-def float64_copy(x: Any) -> Any:
-    """`x` (a tensor or nested inputs) with every floating-point tensor converted to float64; other leaves as given."""
-    return tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, x)
 
 
 @contextlib.contextmanager
@@ -281,63 +184,6 @@ def _verify(pruned: nn.Module, reference: nn.Module, example_inputs: Any, rtol: 
     return Verification(modes, outputs, worst, rtol, notes)
 
 
-# ---------------------------------------------------------------------------------------------- reference
-def _zero_inputs(mod: nn.Module, idxs: list[int]) -> None:
-    """Make `mod` ignore its input channels `idxs` (in place, on the reference copy)."""
-    idx = torch.tensor(sorted(set(idxs)), dtype=torch.long)
-    with torch.no_grad():
-        if isinstance(mod, nn.Linear):
-            mod.weight[:, idx] = 0
-        elif isinstance(mod, nn.modules.conv._ConvNd) and mod.transposed:
-            mod.weight[idx] = 0  # (in, out/groups, k...): every input channel has its own row
-        elif isinstance(mod, nn.modules.conv._ConvNd):
-            per_in = mod.in_channels // mod.groups
-            per_out = mod.out_channels // mod.groups
-            for i in idx.tolist():
-                b, j = divmod(i, per_in)
-                mod.weight[b * per_out:(b + 1) * per_out, j] = 0
-        elif isinstance(mod, PadShortcut):
-            mod.index = torch.where(torch.isin(mod.index, idx), torch.full_like(mod.index, -1), mod.index)
-        else:
-            raise UserError(f"cannot build a reference for a {type(mod).__name__} that reads removed channels")
-
-
-def consumer_columns(graph, picks: dict[str, list[int]]) -> list[tuple[str, list[int]]]:
-    """(layer name, input-channel indices) of every layer that reads a removed channel, from the pre-surgery
-    dependency graph (indices already mapped through concat, split and flatten)."""
-    out = []
-    with graph.mapped_once():  # nothing is cut here: the index mappings are computed once for all picks
-        for root, idxs in picks.items():
-            if idxs:
-                out += _readers(graph, graph.tp_group(root, sorted(set(int(i) for i in idxs))))
-    return out
-
-
-def _readers(graph, group) -> list[tuple[str, list[int]]]:
-    """(layer name, input-channel indices) of the layers in a Torch-Pruning group that read its channels."""
-    out = []
-    for item in group:
-        mod = item.dep.target.module
-        if graph.dg.is_out_channel_pruning_fn(item.dep.handler) or mod not in graph.names:
-            continue
-        if is_depthwise(mod) or isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            continue  # a depthwise conv's inputs are its outputs: their readers are zeroed instead
-        # conv / linear / shortcut readers get their inputs zeroed; any other reader with a weight matrix is
-        # listed too, and refused by _zero_inputs
-        if (isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd, PadShortcut))
-                or any(p.dim() >= 2 for p in mod.parameters(recurse=False))):
-            out.append((graph.names[mod], [int(i) for i in item.idxs]))
-    return out
-
-
-def zero_consumers(model: nn.Module, columns: list[tuple[str, list[int]]]) -> nn.Module:
-    """A deep copy of the dense `model` whose layers ignore the removed channels: the reference."""
-    ref = copy.deepcopy(model)
-    for name, idxs in columns:
-        _zero_inputs(ref.get_submodule(name), idxs)
-    return ref
-
-
 # ---------------------------------------------------------------------------------------------- safety trial
 _CACHE: dict[str, dict[str, str]] = {}
 
@@ -379,8 +225,9 @@ def _sensitise(model: nn.Module) -> None:
 
 
 def trial_picks(g) -> list[int] | None:
-    """A few channels to cut in a trial: the first two (one if the group is small); for a group through a
-    grouped conv, position 0 of every channel block. None when nothing can be cut."""
+    """A few channels to cut in a trial of the channel group `g` (a `graph.ChannelGroup`: `channels`,
+    `ch_groups`): the first two (one if the group has fewer than 4 channels); for a group through a grouped conv,
+    position 0 of every channel block. None when nothing can be cut (fewer than 2 channels, or blocks of 1)."""
     if g.ch_groups > 1:
         block = g.channels // g.ch_groups
         return None if block < 2 else [b * block for b in range(g.ch_groups)]
@@ -396,7 +243,9 @@ def group_safety(model: nn.Module, example_inputs: Any, graph_factory: Callable,
     `graph_factory(model, x, roots=[...])` traces a raw GroupGraph with (at least) the groups rooted at those
     layers; `surgery(graph, picks)` prunes and verifies, raising Mismatch. All candidate groups are cut together
     on one copy; a failing set is bisected on fresh copies, so the common case (every group safe) costs one trace
-    and d unsafe groups among n about 2 d log2(n / d).
+    and d unsafe groups among n about 2 d log2(n / d). `roots` maps each candidate root to the channel indices
+    its trial cuts (`trial_picks`); the result maps each unsafe root to a one-line reason. A failing trace or
+    surgery becomes a reason, never an exception; `model` is left untouched (trials run on copies).
     Cached per architecture, input shapes and candidate set."""
     key = _fingerprint(model, example_inputs) + repr(sorted(roots))
     if key in _CACHE:

@@ -673,3 +673,46 @@ def test_two_phases_share_a_run_dir(tmp_path):
     assert not torch.equal(snapshot["fc.weight"], model.state_dict()["fc.weight"])
     phases = {r["phase"] for r in read_metrics(tmp_path / "metrics.jsonl")}
     assert phases == {"train", "finetune"}
+
+
+# ---------------------------------------------------------------- hook set and one step's parts
+def test_hook_set_calls_every_should_stop_and_adds_extra_losses_in_order():
+    from regprune.engine.hooks import HookSet
+
+    seen = []
+
+    class Stop:
+        def __init__(self, name, stop, term):
+            self.name, self.stop, self.term = name, stop, term
+
+        def should_stop(self, trainer):
+            seen.append(self.name)
+            return self.stop
+
+        def extra_loss(self, trainer, model, outputs):
+            return self.term
+
+        def no_weight_decay_params(self):
+            return [nn.Parameter(torch.zeros(1))]
+
+    hooks = HookSet([Stop("a", True, torch.tensor(1.0)), Stop("b", False, None), object()])
+    trainer = type("T", (), {"world_size": 1, "device": torch.device("cpu")})()
+    assert hooks.should_stop(trainer) and seen == ["a", "b"]
+    assert float(hooks.add_extra_losses(trainer, None, None, torch.tensor(2.0))) == 3.0
+    assert len(hooks.no_weight_decay_params()) == 2
+    assert not HookSet([object()]).should_stop(trainer)
+
+
+def test_step_parts_place_the_batch_and_build_the_optimizer():
+    from regprune.engine.build import build_optimizer, check_phase, steps_per_epoch
+    from regprune.engine.step import place_batch
+
+    x, y = place_batch({"input": torch.zeros(2, 1, 4, 4), "target": torch.zeros(2, dtype=torch.long)},
+                       torch.device("cpu"), channels_last=True)
+    assert x.is_contiguous(memory_format=torch.channels_last) and y.shape == (2,)
+    opt = build_optimizer(TinyNet(), TrainConfig(lr=0.05, no_wd_bn_bias=True))
+    assert [g["name"] for g in opt.param_groups] == ["decay", "no_decay"] and opt.defaults["lr"] == 0.05
+    with pytest.raises(UserError, match="phase name"):
+        check_phase("a/b")
+    with pytest.raises(UserError, match="yields no batches"):
+        steps_per_epoch([])

@@ -210,3 +210,9 @@ def test_prune_report_says_unstable_on_a_busy_machine(tmp_path, monkeypatch, den
     assert rep["latency_verdict_b64"].startswith("unstable (")
     assert rep["latency_speedup_b1"] == 2.0  # the ratio of medians stays in the JSON, as a float
     assert rep["latency"]["onnxruntime_b1"] is None and rep["latency"]["onnxruntime_note"].startswith("ONNX Runtime")
+
+
+def test_pyplot_is_public_and_headless():
+    pytest.importorskip("matplotlib")
+    assert R._plt is R.pyplot
+    assert R.pyplot().get_backend().lower() == "agg"

@@ -259,6 +259,19 @@ def test_constructor_rejects_mistakes(args, kwargs, match):
         RegPruneCallback(*args, **kwargs)
 
 
+def test_checked_arguments_fold_iters_and_leave_options_alone():
+    from regprune.integrations.callback_options import check_arguments
+
+    common = dict(ratios=None, speedup=None, target_macs=None, config=None, skip=None, round_to=None,
+                  include_coupled=False, unstructured=False, groups="all", prune_on_fit_end=False)
+    opts = {"alpha_mac": 1.0}
+    got = check_arguments("SPM", **{**common, "speedup": 2.0, "iters": 5}, options=opts)
+    assert got.method == "spm" and got.target_macs == 0.5 and got.iters == 5
+    assert got.options == {"alpha_mac": 1.0, "freeze_after": 5} and opts == {"alpha_mac": 1.0}
+    got = check_arguments("GReg-1", **{**common, "ratios": "0.5", "iters": 8, "unstructured": True}, options={})
+    assert got.method == "greg1" and got.iters is None and got.options == {} and got.config.unstructured
+
+
 def test_fit_time_mistakes_are_user_errors():
     cb = RegPruneCallback("greg1", ratios="c1:0.5", iters=4)
     with pytest.raises(UserError, match="no optimizer holds model.c1.weight"):

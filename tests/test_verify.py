@@ -373,3 +373,28 @@ def test_api_argument_types_are_user_errors():
             regprune.prune(m, x, **kw)
     res = regprune.prune(m, x, ratios="0.5", include_coupled=True, skip="fc1")  # one pattern as a string
     assert "fc1" not in res.picks
+
+
+def test_run_helpers_and_reference_keep_their_old_import_path():
+    import regprune.forward as fwd
+    import regprune.reference as ref
+    import regprune.verify as V
+
+    for name in ("check_example_inputs", "train_batch", "cloned_inputs", "float64_copy", "modes_kept", "buffers_kept",
+                 "run_in_mode"):
+        assert getattr(V, name) is getattr(fwd, name)
+    assert V.zero_consumers is ref.zero_consumers and V.consumer_columns is ref.consumer_columns
+    grown = fwd.train_batch((torch.ones(1, 3), torch.tensor([[4]])))
+    assert grown[0].shape == (2, 3) and torch.equal(grown[1], torch.tensor([[4], [4]]))
+    assert fwd.batch_size({"a": 1, "b": torch.zeros(5, 2)}) == 5 and fwd.batch_size(torch.tensor(1.0)) is None
+
+
+def test_zero_inputs_zeroes_every_filter_of_the_channels_group():
+    from regprune.reference import zero_inputs
+
+    conv = nn.Conv2d(4, 6, 1, groups=2, bias=False)
+    nn.init.ones_(conv.weight)
+    zero_inputs(conv, [3])  # group 1, its second input channel
+    assert conv.weight[3:, 1].abs().sum() == 0 and conv.weight[:3].abs().min() == 1 and conv.weight[3:, 0].min() == 1
+    with pytest.raises(UserError, match="cannot build a reference"):
+        zero_inputs(nn.Embedding(4, 2), [0])

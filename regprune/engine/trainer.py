@@ -1,24 +1,13 @@
 """The one training loop every phase reuses: SGD + schedule + hooks, with DDP, AMP, checkpoints and resume.
 
-Hooks are plain objects that define any subset of these methods (only those present are called):
-
-* ``on_step_start(trainer)``            before the forward pass (the lr for this step is already set)
-* ``extra_loss(trainer, model, outputs)`` a tensor added to the loss, or None
-* ``after_backward(trainer)``           gradients are final and unscaled (e.g. add lambda*W to grads here)
-* ``on_step_end(trainer)``              after optimizer.step() and the step counter increment
-* ``should_stop(trainer) -> bool``      checked after each step; True ends fit() early
-* ``on_epoch_end(trainer)``             after the epoch's evaluation, before its checkpoint
-* ``no_weight_decay_params()``          parameters to put in the zero-weight-decay group
-* ``state_dict()`` / ``load_state_dict(state)``  saved in and restored from checkpoints
-
-Hooks receive the unwrapped model (``trainer.model``) even under DistributedDataParallel.
+The hook protocol (`on_step_start`, `extra_loss`, `after_backward`, `on_step_end`, `should_stop`, `on_epoch_end`,
+`no_weight_decay_params`, `state_dict` / `load_state_dict`) is described in `regprune.engine.hooks`; one step's
+device work is in `regprune.engine.step`, checkpoints and Ctrl-C in `regprune.engine.resume`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import re
 import signal
 import time
 import warnings
@@ -27,26 +16,28 @@ from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..errors import UserError
 from . import dist as D
+from .build import build_optimizer, check_phase, place_model, steps_per_epoch
 from .checkpoint import seed_everything
 from .config import CHECKPOINT_FORMAT, HOOK_METHODS, TrainConfig, TrainingDiverged, TrainingInterrupted
-from .data import prepare_epoch_order, skipping_iterator, split_batch
+from .data import prepare_epoch_order, skipping_iterator
 from .evaluate import evaluate
+from .hooks import HookSet
 from .log import MetricsLogger, Progress, epoch_line, fmt_value, to_jsonable
 from .optim import build_param_groups, resolve_device
 from .resume import ResumableMixin
 from .schedule import LRSchedule, build_lr_scheduler, parse_lr_schedule
 from .stats import RunningStats
+from .step import forward_backward, optimizer_step, place_batch
 
 __all__ = ["TrainConfig", "Trainer", "TrainingInterrupted", "TrainingDiverged", "evaluate", "build_param_groups",
            "seed_everything", "resolve_device", "HOOK_METHODS", "CHECKPOINT_FORMAT"]
 
 
 class Trainer(ResumableMixin):
-    """Runs SGD training of `model` with hooks; see the module docstring for the hook protocol.
+    """Runs SGD training of `model` with hooks (see `regprune.engine.hooks` for the hook protocol).
 
     The learning rate follows `config.lr_schedule` per optimizer step through `lr_scheduler`, a torch LambdaLR
     that fit() builds at the run's position (see `build_lr_scheduler`); a group's rate is its ``lr_scale``
@@ -58,54 +49,25 @@ class Trainer(ResumableMixin):
                  hooks: Sequence[Any] = (), extra_param_groups: list[dict] | None = None) -> None:
         self.config = config = config if config is not None else TrainConfig()
         config.validate()
-        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", phase or ""):
-            raise UserError(f"phase name {phase!r} must be letters, digits, '_', '-' or '.' (it names files)")
-        self.phase = phase
+        self.phase = check_phase(phase)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.hooks = list(hooks)
+        self._hook_set = HookSet(self.hooks)
         self.rank, self.world_size, self.local_rank = D.get_rank(), D.get_world_size(), D.get_local_rank()
         self.is_main = self.rank == 0
         self.device = resolve_device(config.device, self.local_rank)
         self.amp = bool(config.amp and self.device.type == "cuda")
         self._channels_last = bool(config.channels_last)
 
-        model.to(self.device)
-        if self._channels_last:
-            model.to(memory_format=torch.channels_last)
         self.model = model
-        if self.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            # hooks work on self.model; the wrapper is only used for the forward pass (gradient all-reduce)
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.forward_model: nn.Module = DDP(model, device_ids=ids)
-        else:
-            self.forward_model = model
-
-        no_wd: list[nn.Parameter] = []
-        for h in self.hooks:
-            if callable(getattr(h, "no_weight_decay_params", None)):
-                no_wd.extend(h.no_weight_decay_params())
-        groups = build_param_groups(model, config.weight_decay, config.no_wd_bn_bias, no_wd, extra_param_groups)
-        try:
-            self.optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
-                                             nesterov=config.nesterov, weight_decay=config.weight_decay)
-        except ValueError as e:
-            raise UserError(f"cannot build the optimizer: {e}") from None
+        self.forward_model: nn.Module = place_model(model, self.device, self._channels_last, self.world_size)
+        self.optimizer = build_optimizer(model, config, self._hook_set.no_weight_decay_params(), extra_param_groups)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
 
         self.train_loader = train_loader
         self.test_loader = test_loader
-        try:
-            self.steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
-        except TypeError:
-            raise UserError("the training loader must have a length (batches per epoch)") from None
-        if self.steps_per_epoch == 0:
-            raise UserError("the training set yields no batches (is it smaller than one batch with drop_last?)")
+        self.steps_per_epoch = steps_per_epoch(train_loader)
 
-        self._fns = {name: [getattr(h, name) for h in self.hooks if callable(getattr(h, name, None))]
-                     for name in ("on_step_start", "extra_loss", "after_backward", "on_step_end", "should_stop",
-                                  "on_epoch_end")}
         self._logger = MetricsLogger(self.run_dir, enabled=self.is_main)
         self._progress = Progress(False, 0, 0, "")
 
@@ -203,7 +165,7 @@ class Trainer(ResumableMixin):
         if resume_from is not None and self.step > 0:
             # the checkpoint may be from the very step a hook asked to stop at (the phase's final checkpoint, an
             # epoch end, a Ctrl-C): ask again, or the resumed run would train steps the original never took
-            self._stop_requested = self._poll_should_stop()
+            self._stop_requested = self._hook_set.should_stop(self)
         self._interrupt_requested = False
         self._progress = Progress(self.config.progress and self.is_main, total, min(self.step, total), self._desc())
         self._interval_t0 = self._epoch_t0 = t0 = time.perf_counter()
@@ -250,7 +212,7 @@ class Trainer(ResumableMixin):
             if self._interrupt_requested:
                 self._progress.line(f"{self.phase}: interrupted, saving a checkpoint at step {self.step}")
                 raise KeyboardInterrupt
-            self._stop_requested = self._poll_should_stop()
+            self._stop_requested = self._hook_set.should_stop(self)
             if self.step % cfg.log_every == 0:
                 self._log_interval()
             epoch_done = self.batch_in_epoch >= self.steps_per_epoch
@@ -265,48 +227,23 @@ class Trainer(ResumableMixin):
         self._end_epoch()
 
     def _train_step(self, batch: Any) -> None:
-        x, y = split_batch(batch)
-        if x.device != self.device:
-            x = x.to(self.device, non_blocking=True)
-        if y.device != self.device:
-            y = y.to(self.device, non_blocking=True)
-        if self._channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x, y = place_batch(batch, self.device, self._channels_last)
         # the scheduler already put this step's rate (times each group's lr_scale) into the parameter groups
         sched = self.lr_scheduler
         self._lr = sched.lr_lambdas[0](sched.last_epoch)
         self._stage = "forward"
-        for fn in self._fns["on_step_start"]:
-            fn(self)
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext():
-            outputs = self.forward_model(x)
-            loss = F.cross_entropy(outputs, y, label_smoothing=self.config.label_smoothing)
-        for fn in self._fns["extra_loss"]:
-            term = fn(self, self.model, outputs)
-            if term is not None:
-                loss = loss + term
-        if self.amp:
-            self.scaler.scale(loss).backward()
-            # hooks must see true gradients, so unscale before them (scaler.step will not unscale twice)
-            self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
-        for fn in self._fns["after_backward"]:
-            fn(self)
-        out_d = outputs.detach()
-        correct = (out_d.argmax(1) == y).sum() if (y.dim() == 1 and out_d.dim() == 2) else None
-        self._inflight = (loss.detach(), correct, int(y.shape[0]))
+        hooks = self._hook_set
+        hooks.notify("on_step_start", self)
+        self._inflight = forward_backward(
+            self.forward_model, x, y, optimizer=self.optimizer, scaler=self.scaler, amp=self.amp,
+            label_smoothing=self.config.label_smoothing,
+            add_extra_losses=lambda outputs, loss: hooks.add_extra_losses(self, self.model, outputs, loss),
+            after_backward=lambda: hooks.notify("after_backward", self))
         self._stage = "optimizer"
-        if self.amp:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        optimizer_step(self.optimizer, self.scaler, self.amp)
         self._stage = "commit"
         self._commit_step()
-        for fn in self._fns["on_step_end"]:
-            fn(self)
+        hooks.notify("on_step_end", self)
 
     def _commit_step(self) -> None:
         assert self._inflight is not None
@@ -322,20 +259,6 @@ class Trainer(ResumableMixin):
         self._inflight = None
         self._stage = "idle"
         self._progress.update()
-
-    def _poll_should_stop(self) -> bool:
-        fns = self._fns["should_stop"]
-        if not fns:
-            return False
-        stop = False
-        for fn in fns:  # call every hook so each sees every step
-            if fn(self):
-                stop = True
-        if self.world_size > 1:
-            # all ranks must leave the loop at the same step or the next all-reduce hangs
-            flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
-            stop = bool(D.all_reduce_sum(flag).item() > 0)
-        return stop
 
     def _flush(self, collective: bool = True) -> None:
         """Sync pending per-step losses: detect divergence and update the running averages."""
@@ -383,8 +306,7 @@ class Trainer(ResumableMixin):
         ev = self._eval_now() if self.config.eval_every_epoch else None
         self.epoch += 1
         self.batch_in_epoch = 0
-        for fn in self._fns["on_epoch_end"]:
-            fn(self)
+        self._hook_set.notify("on_epoch_end", self)
         record: dict[str, Any] = {"kind": "epoch", **train, "lr": self._lr, "img_s": round(n / max(elapsed, 1e-9), 2),
                                   "time_s": round(elapsed, 3)}
         if ev is not None:

@@ -28,8 +28,6 @@ again, which restarts LR schedules and loses momentum. Under DDP the module is w
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 from types import SimpleNamespace
 from typing import Any, Sequence
 
@@ -37,7 +35,6 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from ..gate_regularizer import macs_target
 
 try:
     import lightning.pytorch as pl
@@ -48,37 +45,14 @@ except ImportError as _exc:  # ModuleNotFoundError, or a broken install
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from ..api import Regularizer, regularizer
-from ..api import as_example_inputs as _example
+from ..api import Regularizer, as_example_inputs, regularizer
 from ..methods.greg import GRegConfig
-from ..methods.spm import GATES_ATTR, SPMRegularizer
+from ..methods.spm import SPMRegularizer
+from .callback_options import METHODS, check_arguments
+from .pruning import (add_loss_gradient, device_of, held_param_ids, prune_and_rebind, regularized_params,
+                      regularizer_metrics, to_device)
 
 __all__ = ["RegPruneCallback", "METHODS"]
-
-METHODS = ("greg1", "greg2", "spm")
-_GREG_OPTIONS = frozenset(f.name for f in dataclasses.fields(GRegConfig))
-_SPM_OPTIONS = frozenset(n for n, p in inspect.signature(SPMRegularizer.__init__).parameters.items()
-                         if p.kind is inspect.Parameter.KEYWORD_ONLY)
-
-
-def _to_device(x: Any, device: torch.device) -> Any:
-    """A tensor, or a tuple/list/dict of them (and plain values), with every tensor moved to `device`."""
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, (list, tuple)):
-        return type(x)(_to_device(v, device) for v in x)
-    if isinstance(x, dict):
-        return {k: _to_device(v, device) for k, v in x.items()}
-    return x
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    p = next(module.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def _held(optimizers: Sequence[torch.optim.Optimizer]) -> set[int]:
-    return {id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]}
 
 
 class RegPruneCallback(pl.Callback):
@@ -140,47 +114,12 @@ class RegPruneCallback(pl.Callback):
                  example_inputs: Any = None, save_path: str | None = None, stop_after_prune: bool = False,
                  prune_on_fit_end: bool = False, log_metrics: bool = True, **options: Any) -> None:
         super().__init__()
-        method = str(method).lower().replace("-", "")
-        if method not in METHODS:
-            raise UserError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
-        if iters is not None and (isinstance(iters, bool) or int(iters) != iters or iters < 1):
-            raise UserError(f"iters={iters!r}: expected a positive number of optimizer steps")
+        method, target_macs, iters, config, options = check_arguments(
+            method, ratios=ratios, speedup=speedup, target_macs=target_macs, iters=iters, config=config, skip=skip,
+            round_to=round_to, include_coupled=include_coupled, unstructured=unstructured, groups=groups,
+            prune_on_fit_end=prune_on_fit_end, options=options)
         self.method = method
         self.is_spm = method == "spm"
-        if self.is_spm:
-            wrong = [n for n, v in (("ratios", ratios), ("config", config), ("skip", skip), ("round_to", round_to))
-                     if v is not None] + [n for n, v in (("include_coupled", include_coupled),
-                                                          ("unstructured", unstructured)) if v]
-            if wrong:
-                raise UserError(f"{wrong[0]}= is a GReg option; SPM takes target_macs/speedup, iters, groups and "
-                                "SPMRegularizer keywords")
-            unknown = sorted(set(options) - _SPM_OPTIONS)
-            if unknown:
-                raise UserError(f"unknown SPM option {unknown[0]!r}: expected one of {', '.join(sorted(_SPM_OPTIONS))}")
-            target_macs = macs_target(speedup, target_macs)
-            if iters is not None:
-                if options.get("freeze_after") is not None:
-                    raise UserError("give either iters or freeze_after for SPM, not both (they are the same)")
-                options["freeze_after"] = int(iters)
-            if options.get("freeze_after") is None and options.get("freeze_epoch") is None and not prune_on_fit_end:
-                raise UserError("SPM would never prune: give iters (steps), freeze_epoch, or prune_on_fit_end=True")
-        else:
-            if groups != "all":
-                raise UserError("groups= is an SPM option; GReg takes ratios/speedup/target_macs and skip")
-            unknown = sorted(set(options) - _GREG_OPTIONS)
-            if unknown:
-                raise UserError(f"unknown GReg option {unknown[0]!r}: expected a GRegConfig field")
-            if config is not None and (options or iters is not None):
-                raise UserError("give either config= or iters/GRegConfig keywords, not both")
-            if config is not None and bool(config.unstructured) != bool(unstructured):
-                raise UserError(f"unstructured={unstructured} but config.unstructured={config.unstructured}")
-            if "unstructured" in options:
-                raise UserError("give unstructured= as the callback's argument, not as a GRegConfig keyword")
-            if config is None and unstructured:
-                # regprune.regularizer() takes unstructured= for the plan but not into the config it builds
-                config = (GRegConfig.scaled(int(iters), method, unstructured=True, **options) if iters
-                          else GRegConfig(unstructured=True, **options))
-                options, iters = {}, None
         self.ratios, self.speedup, self.target_macs, self.iters, self.config = ratios, speedup, target_macs, iters, config
         self.skip, self.round_to, self.include_coupled, self.unstructured = skip, round_to, include_coupled, unstructured
         self.groups = groups
@@ -223,12 +162,8 @@ class RegPruneCallback(pl.Callback):
         return pl_module.get_submodule(name) if name else pl_module
 
     def _reg_params(self) -> list[tuple[str, nn.Parameter]]:
-        """The parameters the penalty lands on (GReg: the pruned layers' weights; SPM: the gates)."""
-        reg = self.regularizer
-        prefix = f"{self._module_name}." if self._module_name else ""
-        if isinstance(reg, SPMRegularizer):
-            return [(f"{prefix}{GATES_ATTR}.{k}.weight", g.weight) for k, g in reg.gates.gates.items()]
-        return [(f"{prefix}{t.name}.weight", t.module.weight) for t in reg.targets]
+        """The parameters the penalty lands on, named as in the LightningModule."""
+        return regularized_params(self.regularizer, f"{self._module_name}." if self._module_name else "")
 
     def no_weight_decay_params(self) -> list[nn.Parameter]:
         """SPM: the gate weights, to put in a zero-weight-decay group in `configure_optimizers`; GReg: []."""
@@ -253,12 +188,12 @@ class RegPruneCallback(pl.Callback):
         if x is None:
             raise UserError("RegPruneCallback needs example inputs: pass example_inputs= or set "
                             "example_input_array on the LightningModule")
-        self._example = _example(net, x)
+        self._example = as_example_inputs(net, x)
         if self.is_spm:
             # now, so that configure_optimizers (run by the strategy's setup, next) sees the gate parameters;
             # the gates start equal on every rank, whatever the weights
             target = 0.41 if self.target_macs is None else self.target_macs
-            self.regularizer = SPMRegularizer.attach(net, _to_device(self._example, _device_of(net)), target,
+            self.regularizer = SPMRegularizer.attach(net, to_device(self._example, device_of(net)), target,
                                                      self.groups, **self.options)
             self._apply_pending()
 
@@ -281,7 +216,7 @@ class RegPruneCallback(pl.Callback):
 
     def _inputs(self, trainer: pl.Trainer, net: nn.Module) -> Any:
         """The example inputs on the network's device, in the dtype the precision plugin feeds it."""
-        return trainer.precision_plugin.convert_input(_to_device(self._example, _device_of(net)))
+        return trainer.precision_plugin.convert_input(to_device(self._example, device_of(net)))
 
     def _apply_pending(self) -> None:
         if self._pending_state is not None:
@@ -291,7 +226,7 @@ class RegPruneCallback(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.regularizer is None or self.pruned:
             return
-        held = _held(trainer.optimizers)
+        held = held_param_ids(trainer.optimizers)
         missing = [n for n, p in self._reg_params() if id(p) not in held]
         if missing:
             raise UserError(f"no optimizer holds {missing[0]}: build the optimizer in configure_optimizers from the "
@@ -307,33 +242,19 @@ class RegPruneCallback(pl.Callback):
                 self._stepped = True
             return
         reg_params = self._reg_params()
-        held = _held([optimizer])
+        held = held_param_ids([optimizer])
         if not any(id(p) in held for _, p in reg_params):
             return  # another optimizer's step (manual optimization with several optimizers)
         if all(p.grad is None for p in self.target(pl_module).parameters()):
             return  # no backward reached the network (training_step returned None): no step to regularize
         if isinstance(self.regularizer, SPMRegularizer):
-            self._spm_penalty()
+            # the gradient of the SPM loss on the gates: the same as adding the loss to the task loss, whose only
+            # dependence on it is through the gates
+            reg = self.regularizer
+            add_loss_gradient(reg.extra_loss(), list(reg.gates.parameters()))
         else:
             self.regularizer.after_backward()
         self._stepped = True
-
-    def _spm_penalty(self) -> None:
-        """Add the gradient of the SPM loss to the gates' gradients (the same as adding the loss to the task loss,
-        whose only dependence on it is through the gates). `autograd.grad` leaves DDP's gradient hooks alone."""
-        reg = self.regularizer
-        term = reg.extra_loss()
-        if term is None or not term.requires_grad:
-            return
-        params = [p for p in reg.gates.parameters() if p.requires_grad]
-        grads = torch.autograd.grad(term, params, allow_unused=True)
-        for p, g in zip(params, grads):
-            if g is None:
-                continue
-            if p.grad is None:
-                p.grad = g.detach().to(p.dtype)
-            else:
-                p.grad.add_(g.detach().to(p.grad.dtype))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -347,7 +268,7 @@ class RegPruneCallback(pl.Callback):
         self.steps += 1
         reg = self.regularizer
         reg.on_step_end()
-        metrics = self._metrics()  # read before pruning: SPM's MACs count needs the gates
+        metrics = regularizer_metrics(reg)  # read before pruning: SPM's MACs count needs the gates
         if reg.frozen if isinstance(reg, SPMRegularizer) else reg.done():
             self.prune_now(trainer, pl_module)
         if self.log_metrics:
@@ -374,54 +295,19 @@ class RegPruneCallback(pl.Callback):
         rank_zero_warn(f"RegPruneCallback: the model was NOT pruned ({where}); train longer, lower iters, or pass "
                        "prune_on_fit_end=True")
 
-    def _metrics(self) -> dict[str, float]:
-        reg = self.regularizer
-        if isinstance(reg, SPMRegularizer):
-            return {f"regprune/{k}": float(v) for k, v in reg.metrics().items()}
-        s = reg.status()
-        return {"regprune/lambda_max": float(s["lambda_max"]), "regprune/iteration": float(s["iteration"])}
-
     # ---- pruning ---------------------------------------------------------------------------------
     def prune_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module:
         """Prune the network in place now, rebind the Trainer's optimizers, re-wrap DDP, save; returns the network.
 
         Called by the hooks when the schedule is done; callable by hand (e.g. from another callback). Raises
         UserError when already pruned, or when GReg-2 has not picked its filters yet."""
-        from ..optim_state import kept_indices, rebind_optimizer
-
         if self.pruned:
             raise UserError("RegPruneCallback.prune_now(): the model is already pruned")
-        reg = self.regularizer
         net = self.target(pl_module)
         x = self._inputs(trainer, net)
         prefix = f"{self._module_name}." if self._module_name else ""
-        old = dict(pl_module.named_parameters())
         n_before = sum(p.numel() for p in net.parameters())
-        optimizers = list(trainer.optimizers)
-        if isinstance(reg, SPMRegularizer):
-            gate_ids = {id(p) for p in reg.gates.parameters()}
-            kept = _spm_reconfigure(net, reg, x)
-            for opt in optimizers:  # the gates are gone from the model: drop them and their state
-                for group in opt.param_groups:
-                    keep = [p for p in group["params"] if id(p) not in gate_ids]
-                    for p in group["params"]:
-                        if id(p) in gate_ids:
-                            opt.state.pop(p, None)
-                    group["params"] = keep
-        elif reg.unstructured:
-            reg.prune()
-            self._keeper = reg.mask_keeper()
-            kept = {}
-        else:
-            try:
-                picks = reg.picks()
-            except RuntimeError as exc:  # GReg-2 before its pick phase ended
-                raise UserError(f"cannot prune yet: {exc}") from None
-            kept = kept_indices(net, reg.graph.example_inputs, picks, reg.include_coupled)
-            reg.prune()
-        kept = {prefix + k: v for k, v in kept.items()}
-        for opt in optimizers:
-            rebind_optimizer(opt, old, pl_module, kept)
+        self._keeper = prune_and_rebind(pl_module, net, prefix, self.regularizer, x, list(trainer.optimizers))
         self._rewrap(trainer)
         self.pruned = True
         self.pruned_at_step = int(trainer.global_step)
@@ -471,16 +357,3 @@ class RegPruneCallback(pl.Callback):
             raise UserError(f"cannot resume the regularizer from this checkpoint: {exc}") from None
         self.steps = int(state_dict.get("steps", 0))
 
-
-def _spm_reconfigure(model: nn.Module, reg: SPMRegularizer, x: Any) -> dict[str, torch.Tensor]:
-    """`methods.spm.reconfigure` after freezing the gates, also returning `optim_state.kept_indices` for the
-    optimizers (read on the gate-free dense model just before the removal)."""
-    from ..reconfigure import reconfigure
-    from ..optim_state import kept_indices
-
-    if not reg.frozen:
-        reg.freeze()
-    kept: dict[str, torch.Tensor] = {}
-    reconfigure(model, reg, x, before_surgery=lambda picks: kept.update(
-        kept_indices(model, x, picks, include_coupled=True) if picks else {}))
-    return kept

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import typing
 from typing import Any, Sequence
 
 from .errors import UserError
@@ -16,7 +17,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage mistake in one line with exit status 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{self.prog}: {message} (see --help)")
+        where = "" if self.prog == "regprune" else f"{self.prog}: "  # one "regprune" per line
+        raise UserError(f"{where}{message} (see --help)")
 
 
 def _ratio_float(text: str) -> float:
@@ -29,46 +31,35 @@ def _ratio_float(text: str) -> float:
     return v
 
 
-def _common(p: argparse.ArgumentParser, data_default: str | None = None) -> None:
-    p.add_argument("--model", help="model name (see `regprune models`)")
-    p.add_argument("--data", default=data_default, help="dataset (default mnist5k): mnist5k, digits, fashion-mnist[:PATH], "
-                   "cifar10:PATH, cifar100:PATH, imagefolder:PATH")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--workers", type=int, help="data loader worker processes")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--limit-train", type=int, help="use only this many training images")
-    p.add_argument("--limit-test", type=int, help="use only this many test images")
-    p.add_argument("--device", help="auto (default), cpu or cuda")
-    p.add_argument("--amp", action="store_true", default=None, help="mixed precision on CUDA")
-    p.add_argument("--channels-last", action="store_true", default=None)
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
-    p.add_argument("--checkpoint-every", type=int, help="optimizer steps between checkpoints (default: each epoch)")
-    p.add_argument("--shortcut", choices=["A", "B"], help="CIFAR ResNet shortcut option (default A)")
+def _schema_flags(p: argparse.ArgumentParser, command: str) -> None:
+    """The flags of every schema option `command` takes (`regprune.jobs.options`: one declaration per option)."""
+    from .jobs.options import options_for
+
+    for o in options_for(command):
+        m = o.meta
+        flag = "--" + o.flat.replace("_", "-")
+        kw: dict[str, Any] = {"dest": o.flat, "default": None,
+                              "help": argparse.SUPPRESS if m["cli"] == "hidden" else (m["help"] or None)}
+        if m["metavar"]:
+            kw["metavar"] = m["metavar"]
+        base = next((a for a in typing.get_args(o.hint) or (o.hint,) if a is not type(None)), str)
+        if m["cli"] == "negated":
+            p.add_argument("--no-" + o.flat.replace("_", "-"), action="store_false", **kw)
+        elif m["cli"] == "both":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif base is bool:
+            p.add_argument(flag, action="store_true", **kw)
+        elif m["cli"] == "append":
+            p.add_argument(flag, action="append", **kw)
+        else:
+            typ = _ratio_float if m["cli"] == "ratio" else base if base in (int, float) else str
+            p.add_argument(flag, type=typ, choices=m["choices"], **kw)
 
 
 def _run_opts(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", help="run directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
     p.add_argument("--recipe", help="YAML recipe with option defaults (command-line flags win)")
-
-
-def _train_opts(p: argparse.ArgumentParser, prefix: str = "") -> None:
-    p.add_argument(f"--{prefix}epochs", type=float)
-    p.add_argument(f"--{prefix}lr", type=float)
-    p.add_argument(f"--{prefix}lr-schedule", help="'cosine', 'constant' or per-epoch steps like 0:0.1,100:0.01")
-    p.add_argument(f"--{prefix}warmup-epochs", type=float)
-
-
-def _ratio_opts(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ratios", help="globs '*layer*.conv1:0.5', stage list '[0,0.75,0.75,0.32,0]', "
-                   "VGG ranges '[1-15:0.7]', or one number for the whole scope")
-    p.add_argument("--speedup", type=_ratio_float, help="target MACs speedup, solved over the scope")
-    p.add_argument("--target-macs", type=_ratio_float, help="target fraction of dense MACs to keep (e.g. 0.41)")
-    p.add_argument("--skip", action="append", help="glob of layers never to prune (repeatable)")
-    p.add_argument("--round-to", type=int, help="round kept widths to a multiple of this (e.g. 8)")
-    p.add_argument("--include-coupled", action="store_true", default=None,
-                   help="also prune residual-coupled groups (and stems)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,17 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, default=None)
     p.add_argument("--shortcut", choices=["A", "B"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    _ratio_opts(p)
+    _schema_flags(p, "inspect")
 
     p = sub.add_parser("train", help="train a dense base model")
-    _common(p)
+    _schema_flags(p, "train")
     _run_opts(p)
-    _train_opts(p)
-    for flag in ("momentum", "weight-decay", "label-smoothing"):
-        p.add_argument(f"--{flag}", type=float)
-    p.add_argument("--nesterov", action="store_true", default=None)
-    p.add_argument("--no-wd-bn-bias", action="store_true", default=None)
-    p.add_argument("--debug-rank-dump", metavar="DIR", help=argparse.SUPPRESS)
 
     p = sub.add_parser("eval", help="evaluate a model file")
     p.add_argument("model_file")
@@ -106,67 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-test", type=int)
 
     p = sub.add_parser("prune", help="prune a trained model: l1, greg1 or greg2, then fine-tune")
-    p.add_argument("--method", choices=["l1", "greg1", "greg2"])
-    p.add_argument("--base", help="model file to prune, 'pretrained' (torchvision) or 'random' (on purpose)")
-    _common(p)
+    _schema_flags(p, "prune")
     _run_opts(p)
-    _ratio_opts(p)
-    p.add_argument("--pick", choices=["min", "max", "rand"])
-    p.add_argument("--criterion", choices=["filter", "group"],  # methods.l1.CRITERIA (not imported: torch-free parsing)
-                   help="how channels are picked (L1, GReg-1 at the start, GReg-2 at its pick): the pruned filter's "
-                        "norm (default, the papers') or the channel's magnitude over its whole coupled group")
-    p.add_argument("--unstructured", action="store_true", default=None, help="per-weight instead of per-filter")
-    p.add_argument("--sparsity", type=_ratio_float,
-                   help="with --unstructured: zero this fraction of the weights of every conv and linear layer "
-                        "(the paper's ResNet-50: 0.827)")
-    p.add_argument("--penalty", choices=["filter", "group"],
-                   help="GReg's penalty: on the pruned filters only (default, the paper's) or on every member of "
-                        "their channel group: BN scale and shift and the consumers' input channels (Group-GReg)")
-    p.add_argument("--penalize-coupled", action="store_true", default=None, help=argparse.SUPPRESS)  # old --penalty group
-    p.add_argument("--bn-recal", type=int, metavar="N",
-                   help="re-estimate BatchNorm statistics on N training batches after removal (default 100; 0: off)")
-    p.add_argument("--reg-iters", type=int,
-                   help="fit GReg's whole schedule into about this many iterations, with levels set so the penalty "
-                        "integrates enough decay at the run's lr and momentum without ringing (see --dry-run)")
-    p.add_argument("--reg-batch-size", type=int)
-    p.add_argument("--greg", action="append", metavar="NAME=VALUE",
-                   help="GReg setting by its paper name, e.g. update_reg_interval=5 (repeatable)")
-    _train_opts(p, "ft-")
-    for flag in ("momentum", "weight-decay", "label-smoothing"):
-        p.add_argument(f"--{flag}", type=float)
     p.add_argument("--dry-run", action="store_true", help="print the plan without data or training")
-    p.add_argument("--debug-rank-dump", metavar="DIR", help=argparse.SUPPRESS)  # each rank's phase views, to DIR
 
     p = sub.add_parser("scratch", help="prune from scratch: gates + nuclear-norm + MACs losses, then reconfigure")
-    _common(p)
+    _schema_flags(p, "scratch")
     _run_opts(p)
-    _train_opts(p)
-    p.add_argument("--target-macs", type=_ratio_float, help="fraction of dense MACs to keep (e.g. 0.41)")
-    p.add_argument("--search-epochs", type=float, help="epochs with gates learning (S_max)")
-    p.add_argument("--alpha-nuc", type=float)
-    p.add_argument("--alpha-mac", type=float)
-    p.add_argument("--nuc-every", type=int)
-    p.add_argument("--mac-grad-inputs", action="store_true", default=None,
-                   help="MACs loss differentiable in input counts too (the authors hold them constant)")
-    p.add_argument("--mac-norm", choices=["matched", "unit", "dense"],
-                   help="MACs loss scale: 'matched' (default: the paper's ResNet-50 push relative to the task "
-                        "gradient, at any network size), 'unit' (the paper's formula in GMACs) or 'dense' "
-                        "(alpha-mac x squared gap in fractions of dense MACs)")
-    p.add_argument("--gate-lr-scale", type=float, help="gates' learning-rate factor (default 1, as the official code)")
-    p.add_argument("--tie-spread", type=float,
-                   help="MACs-gradient factor 1 +/- this by the rank of each channel's weight magnitude in its "
-                        "group (default 0.5; 0: the paper's identical push)")
-    p.add_argument("--exact-budget", dest="exact_budget", action=argparse.BooleanOptionalAction, default=None,
-                   help="at S_max move gates by importance until MACs are within 1%% of the budget (default off, "
-                        "as in the paper: the gates stay where the search left them)")
-    p.add_argument("--snap-floor", type=float,
-                   help="with --exact-budget, the fraction of each group's channels the snap never goes below "
-                        "(default 0.1)")
-    p.add_argument("--no-wd-bn-bias", action="store_true", default=None)
-    p.add_argument("--label-smoothing", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--momentum", type=float)
-    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="print the search plan without data or training")
 
     p = sub.add_parser("export", help="export a model file to ONNX, checked in ONNX Runtime against PyTorch "
                                       "(needs: pip install 'regprune[export]')")
@@ -227,73 +159,31 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from .jobs import check_options, train_job
+def _job(kind: str):
+    def cmd(args: argparse.Namespace) -> int:
+        from .jobs.options import COMMAND_DEFAULTS
+        from .jobs.runner import dry_run_text, run_job
 
-    o = _options(args, {"lr_schedule": "cosine", "epochs": 30, "out": "runs/base"})
-    if not o.model:
-        raise UserError("--model is required")
-    check_options(o, "train")
-    run = _start_run(o, args)
-    _print(train_job(o, run)["table"])
-    _print(f"model written to {run.file('model.safetensors')}")
-    return 0
+        o = _options(args, COMMAND_DEFAULTS[kind])
+        if getattr(args, "dry_run", False):
+            print(dry_run_text(kind, o))
+            return 0
+        out = run_job(kind, o, overwrite=args.overwrite, resume=bool(args.resume))
+        for text in [out["table"], *out["lines"]]:
+            _print(text)
+        return 0
+
+    cmd.__doc__ = f"`regprune {kind}`: the {kind} job through the one job runner."
+    return cmd
 
 
-def _start_run(o, args):
-    from .jobs.common import start_run
-
-    return start_run(o, overwrite=getattr(args, "overwrite", False), resume=bool(getattr(args, "resume", None)))
+cmd_train, cmd_prune, cmd_scratch = _job("train"), _job("prune"), _job("scratch")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .jobs import eval_job
 
     _print(eval_job(args.model_file, args.data, args.batch_size, args.device, args.limit_test)["table"])
-    return 0
-
-
-def cmd_prune(args: argparse.Namespace) -> int:
-    from .jobs import check_options, prune_job
-
-    o = _options(args, {"method": "l1", "out": "runs/prune"})
-    if not o.model:
-        raise UserError("--model is required")
-    if args.dry_run:
-        from .jobs.plan import prune_plan_text
-
-        print(prune_plan_text(o))
-        return 0
-    check_options(o, "prune")
-    run = _start_run(o, args)
-    out = prune_job(o, run)
-    _print(out["table"])
-    rep = out["report"]
-    _print(f"MACs speedup {rep['macs_speedup']:.2f}x; CPU latency, batch 1: {rep['latency_verdict_b1']}; "
-           f"batch 64: {rep['latency_verdict_b64']}; run in {run.path}")
-    return 0
-
-
-_SPM_KEYS = ("search_epochs", "alpha_nuc", "alpha_mac", "nuc_every", "mac_grad_inputs", "mac_norm", "gate_lr_scale",
-             "exact_budget", "tie_spread", "snap_floor")
-
-
-def cmd_scratch(args: argparse.Namespace) -> int:
-    from .jobs.scratch import scratch_job, scratch_dry_run
-
-    o = _options(args, {"out": "runs/scratch", "lr_schedule": "cosine", "epochs": 10})
-    extra = {k: getattr(o, k) for k in _SPM_KEYS if getattr(o, k) is not None}
-    if args.warmup_epochs is not None or o.warmup_epochs:  # else the official 8/90 of the epochs
-        extra["warmup_epochs"] = o.warmup_epochs
-    if not o.model:
-        raise UserError("--model is required")
-    if o.target_macs is None:
-        raise UserError("--target-macs is required (fraction of dense MACs to keep, e.g. 0.41)")
-    if args.dry_run:
-        return scratch_dry_run(o, extra)
-    run = _start_run(o, args)
-    out = scratch_job(o, run, extra)
-    _print(out["table"])
     return 0
 
 

@@ -162,8 +162,8 @@ def _report(tmp_path, dense_pruned):
     from regprune.pipeline import JobOptions, RunDir
 
     dense, pruned, x = dense_pruned
-    o = JobOptions(method="l1", model="resnet20", out=str(tmp_path / "run"))
-    return prune_report(o, RunDir(o.out), dense, pruned, x, SimpleNamespace(name="synthetic"), [], None)
+    o = JobOptions.from_dict({"method": "l1", "model": "resnet20", "out": str(tmp_path / "run")})
+    return prune_report(o, RunDir(o.run.out), dense, pruned, x, SimpleNamespace(name="synthetic"), [], None)
 
 
 def _fake_measure(load):

@@ -17,7 +17,7 @@ from regprune.ratios import make_plan
 
 
 def _opts(**kw) -> JobOptions:
-    return JobOptions(**{"model": "resnet20", "data": "digits", "base": "random", **kw})
+    return JobOptions.from_dict({"model": "resnet20", "data": "digits", "base": "random", **kw})
 
 
 def test_greg_momentum_must_be_the_optimizers() -> None:

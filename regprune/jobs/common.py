@@ -18,7 +18,7 @@ from ..data import DataBundle, load_data, make_loaders
 from ..errors import UserError
 from ..models import create_model, model_info
 from ..surgery import load_model
-from .options import JobOptions
+from .options import FinetuneOptions, JobOptions, TrainOptions
 
 __all__ = ["RunDir", "start_run", "train_config", "load_job_data", "job_loaders", "example_input", "assumed_shapes",
            "model_kwargs", "new_model", "NO_BASE", "load_base", "check_pretrained", "evaluate_on", "summary_row"]
@@ -96,27 +96,34 @@ def _clear_dir(path: Path) -> None:
 
 
 
-def train_config(o: JobOptions, *, epochs: float, lr: float, schedule: str, warmup: float,
-                  max_steps: int | None = None) -> E.TrainConfig:
-    """The engine's TrainConfig for one phase: `epochs`, `lr`, `schedule` (lr schedule spec), `warmup` (epochs) and
-    optionally `max_steps` (optimizer steps) from the caller, everything else (optimizer, batch, device, seed,
-    checkpoints, progress) from the options."""
-    return E.TrainConfig(epochs=epochs, max_steps=max_steps, lr=lr, lr_schedule=schedule, warmup_epochs=warmup,
-                         momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
-                         no_wd_bn_bias=o.no_wd_bn_bias, label_smoothing=o.label_smoothing,
-                         batch_size=o.batch_size, amp=o.amp, channels_last=o.channels_last, device=o.device,
-                         seed=o.seed, checkpoint_every=o.checkpoint_every, progress=o.progress)
+def train_config(o: JobOptions, phase: TrainOptions | FinetuneOptions | None = None, *, epochs: float | None = None,
+                 lr: float | None = None, schedule: str | None = None, warmup: float | None = None,
+                 max_steps: int | None = None) -> E.TrainConfig:
+    """The engine's TrainConfig for one phase: epochs, lr, lr schedule and warm-up epochs from `phase` (`o.train` or
+    `o.finetune`; a warm-up of None is 0) unless given, optionally `max_steps` (optimizer steps), everything else
+    (optimizer, batch, device, seed, checkpoints, progress) from the options."""
+    if phase is not None:
+        epochs = phase.epochs if epochs is None else epochs
+        lr = phase.lr if lr is None else lr
+        schedule = phase.lr_schedule if schedule is None else schedule
+        warmup = phase.warmup_epochs if warmup is None else warmup
+    t, r = o.train, o.run
+    return E.TrainConfig(epochs=epochs, max_steps=max_steps, lr=lr, lr_schedule=schedule, warmup_epochs=warmup or 0.0,
+                         momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay,
+                         no_wd_bn_bias=t.no_wd_bn_bias, label_smoothing=t.label_smoothing,
+                         batch_size=o.data.batch_size, amp=r.amp, channels_last=r.channels_last, device=r.device,
+                         seed=r.seed, checkpoint_every=r.checkpoint_every, progress=r.progress)
 
 
 def load_job_data(o: JobOptions) -> DataBundle:
     """The dataset of the options (`data`, limited to `limit_train` / `limit_test` images)."""
-    return load_data(o.data, limit_train=o.limit_train, limit_test=o.limit_test)
+    return load_data(o.data.name, limit_train=o.data.limit_train, limit_test=o.data.limit_test)
 
 
 def job_loaders(o: JobOptions, bundle: DataBundle, batch_size: int | None = None):
     """(train loader, test loader) at `batch_size` (default the options'), sharded when distributed."""
-    return make_loaders(bundle, batch_size or o.batch_size, workers=o.workers,
-                        distributed=E.is_distributed(), seed=o.seed)
+    return make_loaders(bundle, batch_size or o.data.batch_size, workers=o.data.workers,
+                        distributed=E.is_distributed(), seed=o.run.seed)
 
 
 def example_input(bundle: DataBundle) -> torch.Tensor:
@@ -132,20 +139,20 @@ _TRAIN_SIZES = {"mnist5k": 4000, "fashion-mnist": 60000, "digits": 1437, "cifar1
 
 def assumed_shapes(o: JobOptions) -> tuple[int, int, int, int]:
     """(channels, image side, classes, training images) a dataset spec implies, without reading any data (dry runs)."""
-    key = o.data.split(":", 1)[0].lower()
-    ch, size, classes = _KNOWN_SHAPES.get(key, (3, model_info(o.model).input_size, 10))
-    return ch, size, classes, o.limit_train or _TRAIN_SIZES.get(key, 0)
+    key = o.data.name.split(":", 1)[0].lower()
+    ch, size, classes = _KNOWN_SHAPES.get(key, (3, model_info(o.run.model).input_size, 10))
+    return ch, size, classes, o.data.limit_train or _TRAIN_SIZES.get(key, 0)
 
 
 def model_kwargs(o: JobOptions) -> dict[str, Any]:
     """Model constructor arguments beyond the dataset's shapes (the CIFAR ResNet shortcut option)."""
-    return {"shortcut": o.shortcut} if o.shortcut else {}
+    return {"shortcut": o.run.shortcut} if o.run.shortcut else {}
 
 
 def new_model(o: JobOptions, bundle: DataBundle) -> nn.Module:
     """A freshly initialised model for the dataset (seeded)."""
-    torch.manual_seed(o.seed)
-    return create_model(o.model, num_classes=bundle.num_classes, in_channels=bundle.in_channels, **model_kwargs(o))
+    torch.manual_seed(o.run.seed)
+    return create_model(o.run.model, num_classes=bundle.num_classes, in_channels=bundle.in_channels, **model_kwargs(o))
 
 
 NO_BASE = ("pruning needs a trained base: --base FILE (a regprune model file), --base pretrained "
@@ -154,44 +161,44 @@ NO_BASE = ("pruning needs a trained base: --base FILE (a regprune model file), -
 
 def load_base(o: JobOptions, bundle: DataBundle) -> nn.Module:
     """The trained model to prune: a model file, torchvision's published weights, or (only by name) random init."""
-    if o.base is None:
+    if o.prune.base is None:
         raise UserError(NO_BASE)
-    if o.base == "random":
+    if o.prune.base == "random":
         return new_model(o, bundle)
-    if o.base == "pretrained":
+    if o.prune.base == "pretrained":
         return _pretrained(o, bundle)
-    model, _ = load_model(o.base)
+    model, _ = load_model(o.prune.base)
     name = getattr(model, "regprune_arch", {}).get("name")
-    if name and o.model and name != o.model:
-        raise UserError(f"--base {o.base} holds a {name}, but --model says {o.model}")
+    if name and o.run.model and name != o.run.model:
+        raise UserError(f"--base {o.prune.base} holds a {name}, but --model says {o.run.model}")
     kw = getattr(model, "regprune_arch", {}).get("kwargs", {})
     if kw.get("num_classes", bundle.num_classes) != bundle.num_classes or kw.get("in_channels", bundle.in_channels) != bundle.in_channels:
-        raise UserError(f"--base {o.base} was built for {kw.get('num_classes')} classes / {kw.get('in_channels')} "
+        raise UserError(f"--base {o.prune.base} was built for {kw.get('num_classes')} classes / {kw.get('in_channels')} "
                         f"input channels, but {bundle.name} has {bundle.num_classes} / {bundle.in_channels}")
     return model
 
 
 def check_pretrained(o: JobOptions) -> None:
     """Raise UserError unless the model has torchvision's published weights."""
-    if model_info(o.model).family != "torchvision":
-        raise UserError(f"--base pretrained is for torchvision.* models; {o.model} has no published weights")
+    if model_info(o.run.model).family != "torchvision":
+        raise UserError(f"--base pretrained is for torchvision.* models; {o.run.model} has no published weights")
 
 
 def _pretrained(o: JobOptions, bundle: DataBundle) -> nn.Module:
     check_pretrained(o)
     if bundle.num_classes != 1000 or bundle.in_channels != 3:
-        raise UserError(f"torchvision's weights for {o.model} are for 1000 classes of RGB images; "
+        raise UserError(f"torchvision's weights for {o.run.model} are for 1000 classes of RGB images; "
                         f"{bundle.name} has {bundle.num_classes} classes and {bundle.in_channels} channel(s)")
     from torchvision import models as tvm
 
-    tv_name = o.model.split(".", 1)[1]
+    tv_name = o.run.model.split(".", 1)[1]
     try:
         weights = tvm.get_model_weights(tv_name).DEFAULT
         model = tvm.get_model(tv_name, weights=weights)
     except Exception as exc:  # torchvision raises URLError/RuntimeError/OSError when offline without a cache
         raise UserError(f"cannot get torchvision's pretrained weights for {tv_name}: not in torch's cache "
                         f"({torch.hub.get_dir()}/checkpoints) and no network ({type(exc).__name__})") from None
-    model.regprune_arch = {"name": o.model, "kwargs": {"num_classes": 1000, "in_channels": 3}}
+    model.regprune_arch = {"name": o.run.model, "kwargs": {"num_classes": 1000, "in_channels": 3}}
     return model
 
 
@@ -217,7 +224,7 @@ def summary_row(label: str, model: nn.Module, x: torch.Tensor, metrics: dict[str
 
 
 def start_run(o: JobOptions, *, overwrite: bool = False, resume: bool = False) -> RunDir:
-    """Join the distributed group (if launched as one) and open the run directory `o.out`.
+    """Join the distributed group (if launched as one) and open the run directory `o.run.out`.
 
     Rank 0 alone checks and prepares the directory (options.json, state.json), then tells the others: were every
     rank to check, a slow one could find rank 0's fresh files, refuse "already exists" and leave rank 0 waiting in
@@ -226,7 +233,7 @@ def start_run(o: JobOptions, *, overwrite: bool = False, resume: bool = False) -
     run, error = None, None
     if E.is_main():
         try:
-            run = RunDir(o.out, overwrite=overwrite, resume=resume, write=True)
+            run = RunDir(o.run.out, overwrite=overwrite, resume=resume, write=True)
             E.atomic_write_text(run.file("options.json"), json.dumps(asdict(o), indent=1))
             run.save_state()
         except UserError as exc:
@@ -235,5 +242,5 @@ def start_run(o: JobOptions, *, overwrite: bool = False, resume: bool = False) -
     if error is not None:
         raise UserError(error)
     if run is None:
-        run = RunDir(o.out, overwrite=True, resume=resume, write=False)
+        run = RunDir(o.run.out, overwrite=True, resume=resume, write=False)
     return run

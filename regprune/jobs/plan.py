@@ -28,13 +28,13 @@ def prune_plan_text(o: JobOptions) -> str:
     schedule and its predicted effect, the fine-tuning; the dataset's shapes are assumed from its name (no data is
     read). Raises UserError when the options plan nothing or make no sense (the run's checks that need no base
     or data)."""
-    model_info(o.model)
+    model_info(o.run.model)
     check_plan_options(o)
     ch, size, classes, n = assumed_shapes(o)
-    model = create_model(o.model, num_classes=classes, in_channels=ch, **model_kwargs(o))
+    model = create_model(o.run.model, num_classes=classes, in_channels=ch, **model_kwargs(o))
     x = torch.zeros(1, ch, size, size)
     graph, plan = prune_plan(o, model, x)
-    if o.sparsity is not None:
+    if o.prune.sparsity is not None:
         # what the run zeroes: ceil(sparsity * n), keeping at least one weight per layer
         sizes = {r: graph.module(r).weight.numel() for r in plan.ratios}
         rows = [{"layer": r, "weights": n_w, "zeroed": min(math.ceil(plan.ratios[r] * n_w - 1e-9), n_w - 1)}
@@ -42,31 +42,31 @@ def prune_plan_text(o: JobOptions) -> str:
     else:
         rows = [{"layer": r, "dense": graph.groups[r].channels, "kept": graph.groups[r].channels - k,
                  "ratio": f"{plan.ratios[r]:.3f}"} for r, k in plan.removal.items()]
-    lines = [f"plan for {o.method} on {o.model} ({o.data}, assumed {ch}x{size}x{size}, {classes} classes):",
+    lines = [f"plan for {o.prune.method} on {o.run.model} ({o.data.name}, assumed {ch}x{size}x{size}, {classes} classes):",
              format_table(rows, list(rows[0])),
              f"MACs {plan.dense_macs / 1e6:.2f}M -> {plan.pruned_macs / 1e6:.2f}M, speedup {plan.speedup:.2f}x"]
-    if o.method in ("greg1", "greg2"):
-        bs = o.reg_batch_size or o.batch_size
+    if o.prune.method in ("greg1", "greg2"):
+        bs = o.prune.reg_batch_size or o.data.batch_size
         spe = max(1, math.ceil(n / bs)) if n else None
         cfg = greg_config(o, spe or 1)
-        it = cfg.planned_iters(o.method)
+        it = cfg.planned_iters(o.prune.method)
         ep = f" = {it['total'] / spe:.1f} epochs at batch {bs}" if spe else ""
         lines.append(f"regularization schedule: pick {it['pick']} + grow {it['grow']} + stabilize {it['stabilize']} "
                      f"= {it['total']} iterations{ep} (update_reg_interval {cfg.update_reg_interval}, "
                      f"reg_granularity_prune {cfg.reg_granularity_prune:g}, reg_upper_limit {cfg.reg_upper_limit:g}, "
                      f"lr_prune {cfg.lr_prune:g}, momentum {cfg.momentum:g}, penalty {cfg.penalty}, "
                      f"criterion {cfg.criterion})")
-        pred = cfg.predict(o.method)
+        pred = cfg.predict(o.prune.method)
         ratio = pred["predicted_ratio"]
         lines.append(f"predicted: integrated decay {pred['integrated_decay']:.2f} (ln {cfg.mag_ratio_limit:g} = "
                      f"{pred['needed']:.2f} needed), kept/pruned ratio "
                      f"{'> 1e6' if ratio > 1e6 else f'{ratio:.3g}'}, lr*lambda up to {pred['lr_lambda_max']:.3g} "
                      f"(stability bound {pred['stability_bound']:.3g})"
                      + (f"; GReg-2 pick phase integrates {pred['pick_decay']:.2f} (the paper's CIFAR schedule: 0.50)"
-                        if o.method == "greg2" else ""))
+                        if o.prune.method == "greg2" else ""))
         if pred["warning"]:
             lines.append(f"warning: {pred['warning']}")
-    lines.append(f"fine-tune: {o.ft_epochs:g} epochs, lr {o.ft_lr:g} ({o.ft_lr_schedule})")
+    lines.append(f"fine-tune: {o.finetune.epochs:g} epochs, lr {o.finetune.lr:g} ({o.finetune.lr_schedule})")
     return "\n".join(lines)
 
 

@@ -53,21 +53,21 @@ class _StatusLine:
 def greg_config(o: JobOptions, steps_per_epoch: int) -> GRegConfig:
     """The paper's GReg schedule (budget-aware, scaled to --reg-iters when given, for the run's momentum), with any
     per-name overrides."""
-    overrides = dict(o.greg)
+    overrides = dict(o.prune.greg)
     if "lr" in overrides and not ("lr_prune" in overrides and overrides["lr"] == overrides["lr_prune"]):
         raise UserError("--greg lr is not a GReg setting: use lr_prune (the regularization phase's learning rate)")
     overrides.pop("lr", None)  # the same value as lr_prune: a redundant alias
-    if "momentum" in overrides and overrides["momentum"] != o.momentum:
+    if "momentum" in overrides and overrides["momentum"] != o.train.momentum:
         raise UserError(f"--greg momentum={overrides['momentum']} differs from the optimizer's momentum "
-                        f"{o.momentum:g}: set it with --momentum (GReg's schedule follows it)")
-    overrides.setdefault("pick", o.pick)
-    overrides.setdefault("penalty", "group" if o.penalize_coupled else o.penalty)
-    overrides.setdefault("criterion", o.criterion)
-    overrides.setdefault("unstructured", o.unstructured)
-    overrides.setdefault("momentum", o.momentum)
+                        f"{o.train.momentum:g}: set it with --momentum (GReg's schedule follows it)")
+    overrides.setdefault("pick", o.prune.pick)
+    overrides.setdefault("penalty", "group" if o.prune.penalize_coupled else o.prune.penalty)
+    overrides.setdefault("criterion", o.prune.criterion)
+    overrides.setdefault("unstructured", o.prune.unstructured)
+    overrides.setdefault("momentum", o.train.momentum)
     try:
-        if o.reg_iters is not None:
-            return GRegConfig.scaled(int(o.reg_iters), o.method, **overrides)
+        if o.prune.reg_iters is not None:
+            return GRegConfig.scaled(int(o.prune.reg_iters), o.prune.method, **overrides)
         return GRegConfig(**overrides)
     except TypeError as exc:
         raise UserError(f"bad GReg setting: {exc}") from None
@@ -76,14 +76,14 @@ def greg_config(o: JobOptions, steps_per_epoch: int) -> GRegConfig:
 def prune_plan(o: JobOptions, model: nn.Module, x: torch.Tensor):
     """Graph and removal plan for the options (shared by the job and --dry-run)."""
     _check_scope(o)
-    graph = analyze(model, x, include_coupled=o.include_coupled)
-    if o.sparsity is not None:
-        if not o.unstructured:
+    graph = analyze(model, x, include_coupled=o.prune.include_coupled)
+    if o.prune.sparsity is not None:
+        if not o.prune.unstructured:
             raise UserError("--sparsity is the unstructured scope: add --unstructured, or plan filters with --ratios, "
                             "--speedup or --target-macs")
-        return graph, unstructured_plan(graph, o.sparsity, o.skip or None)
-    plan = make_plan(graph, o.ratios, speedup=o.speedup, target_macs=o.target_macs, skip=o.skip or None,
-                     round_to=o.round_to)
+        return graph, unstructured_plan(graph, o.prune.sparsity, o.prune.skip or None)
+    plan = make_plan(graph, o.prune.ratios, speedup=o.prune.speedup, target_macs=o.prune.target_macs, skip=o.prune.skip or None,
+                     round_to=o.prune.round_to)
     if not plan.removal:
         raise UserError("the ratios prune nothing: every selected layer keeps all its channels")
     return graph, plan
@@ -91,48 +91,48 @@ def prune_plan(o: JobOptions, model: nn.Module, x: torch.Tensor):
 
 def _check_scope(o: JobOptions) -> None:
     """The unstructured scope (--sparsity) against the filter-plan options."""
-    if o.sparsity is not None and (o.ratios or o.speedup is not None or o.target_macs is not None):
+    if o.prune.sparsity is not None and (o.prune.ratios or o.prune.speedup is not None or o.prune.target_macs is not None):
         raise UserError("give either --sparsity (unstructured) or --ratios/--speedup/--target-macs, not both")
-    if o.sparsity is not None and not o.unstructured:
+    if o.prune.sparsity is not None and not o.prune.unstructured:
         raise UserError("--sparsity is the unstructured scope: add --unstructured")
-    if o.sparsity is not None and o.round_to is not None:
+    if o.prune.sparsity is not None and o.prune.round_to is not None:
         raise UserError("--round-to applies to filter plans, not to --sparsity: drop it")
-    if o.sparsity is not None and o.include_coupled:
+    if o.prune.sparsity is not None and o.prune.include_coupled:
         raise UserError("--include-coupled applies to filter plans, not to --sparsity: drop it")
 
 
 def check_plan_options(o: JobOptions) -> None:
     """The prune job's checks that need neither a base model nor data (the run and --dry-run both make them)."""
-    if o.method not in ("l1", "greg1", "greg2"):
-        raise UserError(f"unknown method {o.method!r}: expected l1, greg1 or greg2 (or use `regprune scratch`)")
-    if o.criterion not in CRITERIA:
-        raise UserError(f"unknown criterion {o.criterion!r}: expected one of {', '.join(CRITERIA)}")
+    if o.prune.method not in ("l1", "greg1", "greg2"):
+        raise UserError(f"unknown method {o.prune.method!r}: expected l1, greg1 or greg2 (or use `regprune scratch`)")
+    if o.prune.criterion not in CRITERIA:
+        raise UserError(f"unknown criterion {o.prune.criterion!r}: expected one of {', '.join(CRITERIA)}")
     # the same rules make_plan applies, checked here before any data is loaded
-    if o.speedup is not None and o.target_macs is not None:
+    if o.prune.speedup is not None and o.prune.target_macs is not None:
         raise UserError("give either --speedup or --target-macs, not both")
-    if o.speedup is not None and not o.speedup >= 1.0:
-        raise UserError(f"speedup {o.speedup:g} out of range: expected a number >= 1")
-    if o.target_macs is not None and not 0.0 < o.target_macs <= 1.0:
-        raise UserError(f"MACs target {o.target_macs:g} out of range: expected a kept fraction in (0, 1]")
+    if o.prune.speedup is not None and not o.prune.speedup >= 1.0:
+        raise UserError(f"speedup {o.prune.speedup:g} out of range: expected a number >= 1")
+    if o.prune.target_macs is not None and not 0.0 < o.prune.target_macs <= 1.0:
+        raise UserError(f"MACs target {o.prune.target_macs:g} out of range: expected a kept fraction in (0, 1]")
     _check_scope(o)
-    if o.bn_recal < 0:
-        raise UserError(f"--bn-recal must be >= 0 batches, got {o.bn_recal}")
-    if o.unstructured and o.method == "l1":
+    if o.prune.bn_recal < 0:
+        raise UserError(f"--bn-recal must be >= 0 batches, got {o.prune.bn_recal}")
+    if o.prune.unstructured and o.prune.method == "l1":
         raise UserError("unstructured pruning is available for greg1 and greg2")
-    if o.method == "l1":
-        given = [flag for flag, on in (("--penalty group", o.penalty == "group" or o.penalize_coupled),
-                                       ("--greg", bool(o.greg)), ("--reg-iters", o.reg_iters is not None),
-                                       ("--reg-batch-size", o.reg_batch_size is not None)) if on]
+    if o.prune.method == "l1":
+        given = [flag for flag, on in (("--penalty group", o.prune.penalty == "group" or o.prune.penalize_coupled),
+                                       ("--greg", bool(o.prune.greg)), ("--reg-iters", o.prune.reg_iters is not None),
+                                       ("--reg-batch-size", o.prune.reg_batch_size is not None)) if on]
         if given:
             raise UserError(f"{given[0]} is a GReg option; --method l1 has no regularization phase")
-    if not o.ratios and o.speedup is None and o.target_macs is None and o.sparsity is None:
+    if not o.prune.ratios and o.prune.speedup is None and o.prune.target_macs is None and o.prune.sparsity is None:
         raise UserError("say how much to prune: --ratios SPEC, --speedup X, --target-macs F (or --unstructured "
                         "--sparsity F)")
-    if o.method != "l1":
+    if o.prune.method != "l1":
         cfg = greg_config(o, 1)
         train_config(o, epochs=1, lr=cfg.lr_prune, schedule="constant", warmup=0.0,
-                      max_steps=cfg.planned_iters(o.method)["total"]).validate()
-    train_config(o, epochs=o.ft_epochs, lr=o.ft_lr, schedule=o.ft_lr_schedule, warmup=o.ft_warmup_epochs).validate()
+                      max_steps=cfg.planned_iters(o.prune.method)["total"]).validate()
+    train_config(o, o.finetune).validate()
 
 
 def check_options(o: JobOptions, job: str) -> None:
@@ -140,27 +140,27 @@ def check_options(o: JobOptions, job: str) -> None:
 
     The CLI calls this before it creates a run directory, so a typo leaves nothing behind to --overwrite.
     """
-    model_info(o.model)
+    model_info(o.run.model)
     if job == "train":
-        train_config(o, epochs=o.epochs, lr=o.lr, schedule=o.lr_schedule, warmup=o.warmup_epochs).validate()
+        train_config(o, o.train).validate()
         return
-    if o.method not in ("l1", "greg1", "greg2"):
-        raise UserError(f"unknown method {o.method!r}: expected l1, greg1 or greg2 (or use `regprune scratch`)")
-    if o.criterion not in CRITERIA:
-        raise UserError(f"unknown criterion {o.criterion!r}: expected one of {', '.join(CRITERIA)}")
-    if o.base is None:
+    if o.prune.method not in ("l1", "greg1", "greg2"):
+        raise UserError(f"unknown method {o.prune.method!r}: expected l1, greg1 or greg2 (or use `regprune scratch`)")
+    if o.prune.criterion not in CRITERIA:
+        raise UserError(f"unknown criterion {o.prune.criterion!r}: expected one of {', '.join(CRITERIA)}")
+    if o.prune.base is None:
         raise UserError(NO_BASE)
-    if o.base == "pretrained":
+    if o.prune.base == "pretrained":
         check_pretrained(o)
     check_plan_options(o)
 
 
 def prune_job(o: JobOptions, run: RunDir) -> dict[str, Any]:
     """Base -> (regularize) -> remove -> fine-tune -> evaluate -> report, resumable phase by phase."""
-    if o.method not in ("l1", "greg1", "greg2"):
-        raise UserError(f"unknown method {o.method!r}: expected l1, greg1 or greg2 (or use `regprune scratch`)")
-    if o.criterion not in CRITERIA:
-        raise UserError(f"unknown criterion {o.criterion!r}: expected one of {', '.join(CRITERIA)}")
+    if o.prune.method not in ("l1", "greg1", "greg2"):
+        raise UserError(f"unknown method {o.prune.method!r}: expected l1, greg1 or greg2 (or use `regprune scratch`)")
+    if o.prune.criterion not in CRITERIA:
+        raise UserError(f"unknown criterion {o.prune.criterion!r}: expected one of {', '.join(CRITERIA)}")
     bundle = load_job_data(o)
     x = example_input(bundle)
     train_loader, test_loader = job_loaders(o, bundle)
@@ -168,34 +168,34 @@ def prune_job(o: JobOptions, run: RunDir) -> dict[str, Any]:
     dense = copy.deepcopy(model)
     results = run.state["results"]
     if "base" not in results:
-        run.mark("base", base=evaluate_on(model, test_loader, o.device))
+        run.mark("base", base=evaluate_on(model, test_loader, o.run.device))
     model.cpu()
-    rank_dump(o.debug_rank_dump, "base", model)
+    rank_dump(o.run.debug_rank_dump, "base", model)
     graph, plan = prune_plan(o, model, x)
     run.mark("plan", plan={"ratios": plan.ratios, "removal": plan.removal, "dense_macs": plan.dense_macs,
                            "pruned_macs": plan.pruned_macs, "speedup": plan.speedup, "note": plan.note})
     if plan.note and E.is_main():
         print(f"note: {plan.note}", file=sys.stderr)
-    rank_dump(o.debug_rank_dump, "plan", model, plan=plan)
+    rank_dump(o.run.debug_rank_dump, "plan", model, plan=plan)
     history: list[dict] = []
     picks: dict[str, list[int]] | None = None
     keeper = None
 
-    if o.method == "l1":
-        picks = l1_picks(graph, plan_targets(graph, plan), o.pick, o.seed, o.criterion)
+    if o.prune.method == "l1":
+        picks = l1_picks(graph, plan_targets(graph, plan), o.prune.pick, o.run.seed, o.prune.criterion)
     else:
-        reg_loader, _ = job_loaders(o, bundle, o.reg_batch_size)
+        reg_loader, _ = job_loaders(o, bundle, o.prune.reg_batch_size)
         cfg = greg_config(o, len(reg_loader))
-        reg = Regularizer(graph, plan, o.method, cfg, o.unstructured)
+        reg = Regularizer(graph, plan, o.prune.method, cfg, o.prune.unstructured)
         if run.done("regularize"):
             model, _ = load_model(run.file("regularized.safetensors"), model=model)
             reg.load_state_dict(E.safe_load(run.file("greg_state.pt")))
         else:
-            warning = cfg.predict(o.method)["warning"]
+            warning = cfg.predict(o.prune.method)["warning"]
             if warning and E.is_main() and run.checkpoint("regularize") is None:  # said once, not again on resume
                 print(f"warning: {warning}", file=sys.stderr, flush=True)
             tcfg = train_config(o, epochs=1, lr=cfg.lr_prune, schedule="constant", warmup=0.0,
-                                 max_steps=cfg.planned_iters(o.method)["total"])
+                                 max_steps=cfg.planned_iters(o.prune.method)["total"])
             trainer = E.Trainer(model, reg_loader, test_loader, tcfg, run_dir=run.path, phase="regularize",
                                 hooks=[reg, _StatusLine(reg, max(1, cfg.update_reg_interval * 10))])
             trainer.fit(resume_from=run.checkpoint("regularize"))
@@ -203,30 +203,30 @@ def prune_job(o: JobOptions, run: RunDir) -> dict[str, Any]:
             if E.is_main():
                 save_model(model, run.file("regularized.safetensors"))
                 E.atomic_save(reg.state_dict(), run.file("greg_state.pt"))
-            run.mark("regularize", regularize={"status": reg.status(), "eval": evaluate_on(model, test_loader, o.device),
+            run.mark("regularize", regularize={"status": reg.status(), "eval": evaluate_on(model, test_loader, o.run.device),
                                                "warning": warning})
             model.cpu()
         history = reg.greg.history
-        if o.unstructured:
+        if o.prune.unstructured:
             keeper = reg.mask_keeper()
         else:
             picks = reg.picks()
-        rank_dump(o.debug_rank_dump, "regularize", model, reg=reg, picks=picks)
+        rank_dump(o.run.debug_rank_dump, "regularize", model, reg=reg, picks=picks)
 
-    if o.unstructured:
-        if o.method == "l1":
+    if o.prune.unstructured:
+        if o.prune.method == "l1":
             raise UserError("unstructured pruning is available for greg1 and greg2")
         pruned = reg.prune()
         if not run.done("prune"):
-            before = evaluate_on(pruned, test_loader, o.device)
+            before = evaluate_on(pruned, test_loader, o.run.device)
             run.mark("prune", pruned_before_recal=before, pruned_before_ft=_recalibrate(o, pruned, train_loader,
                                                                                          test_loader, before))
     else:
         if run.done("prune"):
             pruned, _ = load_model(run.file("pruned_init.safetensors"))
         else:
-            pruned = apply_picks(analyze(model, x, include_coupled=o.include_coupled), picks)
-            before = evaluate_on(pruned, test_loader, o.device)
+            pruned = apply_picks(analyze(model, x, include_coupled=o.prune.include_coupled), picks)
+            before = evaluate_on(pruned, test_loader, o.run.device)
             after = _recalibrate(o, pruned, train_loader, test_loader, before)
             if E.is_main():
                 save_model(pruned, run.file("pruned_init.safetensors"))
@@ -234,25 +234,25 @@ def prune_job(o: JobOptions, run: RunDir) -> dict[str, Any]:
             run.mark("prune", pruned_before_recal=before, pruned_before_ft=after,
                      verification=getattr(pruned, "regprune_verification", None))
             pruned.cpu()
-    rank_dump(o.debug_rank_dump, "prune", pruned, picks=picks)
+    rank_dump(o.run.debug_rank_dump, "prune", pruned, picks=picks)
 
     if not run.done("finetune"):
-        fcfg = train_config(o, epochs=o.ft_epochs, lr=o.ft_lr, schedule=o.ft_lr_schedule, warmup=o.ft_warmup_epochs)
+        fcfg = train_config(o, o.finetune)
         hooks = [keeper] if keeper is not None else []
         ft_loader = train_loader
         trainer = E.Trainer(pruned, ft_loader, test_loader, fcfg, run_dir=run.path, phase="finetune", hooks=hooks)
         trainer.fit(resume_from=run.checkpoint("finetune"))
         pruned.cpu()
-        final = evaluate_on(pruned, test_loader, o.device)
+        final = evaluate_on(pruned, test_loader, o.run.device)
         best = max([r["test_top1"] for r in trainer.metrics if "test_top1" in r] + [final["top1"]])
         if E.is_main():
             save_model(pruned, run.file("model.safetensors"),
-                       {"method": o.method, "dataset": bundle.name, "top1": final["top1"], "ratios": plan.ratios,
-                        "speedup": plan.speedup, "seed": o.seed, "input_size": bundle.image_size})
+                       {"method": o.prune.method, "dataset": bundle.name, "top1": final["top1"], "ratios": plan.ratios,
+                        "speedup": plan.speedup, "seed": o.run.seed, "input_size": bundle.image_size})
         run.mark("finetune", final=final, best_top1=best)
     else:
-        pruned, _ = load_model(run.file("model.safetensors"), model=pruned if o.unstructured else None)
-    rank_dump(o.debug_rank_dump, "finetune", pruned, picks=picks)
+        pruned, _ = load_model(run.file("model.safetensors"), model=pruned if o.prune.unstructured else None)
+    rank_dump(o.run.debug_rank_dump, "finetune", pruned, picks=picks)
     return prune_report(o, run, dense.cpu(), pruned.cpu(), x, bundle, history, picks)
 
 
@@ -260,9 +260,9 @@ def _recalibrate(o: JobOptions, model: nn.Module, train_loader, test_loader, bef
     """BN recalibration after removal (`--bn-recal N` training batches, no gradient steps); returns the evaluation
     the fine-tuning starts from (`before` itself when recalibration is off or the model has no BatchNorm)."""
     used = 0
-    if o.bn_recal:
-        dev = E.resolve_device(o.device, E.get_local_rank())
-        used = E.recalibrate_bn(model.to(dev), train_loader, o.bn_recal, dev)
+    if o.prune.bn_recal:
+        dev = E.resolve_device(o.run.device, E.get_local_rank())
+        used = E.recalibrate_bn(model.to(dev), train_loader, o.prune.bn_recal, dev)
         if E.is_distributed():  # each rank saw its own shard: every rank takes rank 0's statistics
             import torch.distributed as dist
 
@@ -271,4 +271,4 @@ def _recalibrate(o: JobOptions, model: nn.Module, train_loader, test_loader, bef
     model.cpu()
     if not used:
         return dict(before, bn_recal_batches=0)
-    return dict(evaluate_on(model, test_loader, o.device), bn_recal_batches=used)
+    return dict(evaluate_on(model, test_loader, o.run.device), bn_recal_batches=used)

@@ -61,18 +61,18 @@ def prune_report(o: JobOptions, run: RunDir, dense: nn.Module, pruned: nn.Module
     lat64 = compare_latency({"dense": dense, "pruned": pruned}, xb, repeats=5, warmup=0)  # rounds calibrate = warm up
     ort1, ort_note = try_onnxruntime_latency({"dense": dense, "pruned": pruned}, x, repeats=20)
     lats = {"cpu_ms_b1": (lat1, 3), "cpu_ms_b64": (lat64, 2), "ort_ms_b1": (ort1, 3)}
-    rows = [summary_row("dense", dense, x, res.get("base")), summary_row(f"pruned ({o.method})", pruned, x, res.get("final"))]
+    rows = [summary_row("dense", dense, x, res.get("base")), summary_row(f"pruned ({o.prune.method})", pruned, x, res.get("final"))]
     shown = [dict(r) for r in rows]  # the table shows "median ± IQR"; the JSON rows keep the numbers
     for r, d, k in zip(rows, shown, ("dense", "pruned")):
         for col, (lat, digits) in lats.items():
             if lat is not None:
                 r[col], r[f"{col}_iqr"] = round(lat[k], digits), round(lat.stats[k].iqr_ms, digits)
                 d[col] = lat.stats[k].text(digits)
-    if o.unstructured:
+    if o.prune.unstructured:
         total = sum(p.numel() for n, p in pruned.named_parameters() if p.dim() > 1)
         zeros = sum(int((p == 0).sum()) for n, p in pruned.named_parameters() if p.dim() > 1)
         rows[1]["sparsity"] = shown[1]["sparsity"] = f"{100 * zeros / total:.1f}%"
-    columns = list(shown[0]) + (["sparsity"] if o.unstructured else [])
+    columns = list(shown[0]) + (["sparsity"] if o.prune.unstructured else [])
     table = format_table(shown, columns)
     table += "\n" + latency_lines({"PyTorch CPU batch 1": lat1, "PyTorch CPU batch 64": lat64,
                                    "ONNX Runtime CPU batch 1": ort1})
@@ -85,7 +85,7 @@ def prune_report(o: JobOptions, run: RunDir, dense: nn.Module, pruned: nn.Module
         table += (f"\nverified: the pruned model equals the dense one with the removed channels zeroed "
                   f"({' and '.join(ver['modes'])} mode, max relative difference {ver['max_rel_diff']:.1e})")
     macs_speedup = rows[0]["MMACs"] / rows[1]["MMACs"]
-    report = {"method": o.method, "model": o.model, "data": bundle.name, "rows": rows, "macs_speedup": macs_speedup,
+    report = {"method": o.prune.method, "model": o.run.model, "data": bundle.name, "rows": rows, "macs_speedup": macs_speedup,
               "latency_speedup_b1": lat1["dense"] / lat1["pruned"], "latency_speedup_b64": lat64["dense"] / lat64["pruned"],
               "latency_verdict_b1": lat1.verdict().text(), "latency_verdict_b64": lat64.verdict().text(),
               "latency": {"cpu_b1": lat1.to_dict(), "cpu_b64": lat64.to_dict(),
@@ -95,7 +95,7 @@ def prune_report(o: JobOptions, run: RunDir, dense: nn.Module, pruned: nn.Module
               "pruned_before_bn_recal": res.get("pruned_before_recal"),
               "plan": res.get("plan"), "regularize": res.get("regularize"),
               "verification": res.get("verification")}
-    write_report(run, report, f"{o.method} on {o.model} / {bundle.name}", table, dense, pruned, history, picks)
+    write_report(run, report, f"{o.prune.method} on {o.run.model} / {bundle.name}", table, dense, pruned, history, picks)
     return {"table": table, "report": report}
 
 

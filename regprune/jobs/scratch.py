@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -23,11 +23,11 @@ from .common import (RunDir, assumed_shapes, evaluate_on, example_input, job_loa
 from .options import JobOptions
 from .report import write_report
 
-__all__ = ["scratch_job", "scratch_dry_run", "scratch_plan_text", "spm_settings", "snap_to_budget", "SnapResult",
+__all__ = ["scratch_job", "scratch_dry_run", "spm_overrides", "scratch_plan_text", "spm_settings", "snap_to_budget", "SnapResult",
            "cut_shares", "describe_scale"]
 
 def spm_settings(dense_macs: int, epochs: float, extra: dict[str, Any]) -> dict[str, Any]:
-    """Loss weights, MACs scale, warm-up, S_max and snap for a run, from the user's settings.
+    """Loss weights, MACs scale, warm-up, S_max and snap for a run, from the user's settings (`spm_overrides`).
 
     Defaults and their sources: alpha_nuc 0.001 and alpha_mac 0.5 (paper / official train.sh); mac_norm
     "matched" (the paper's MACs push relative to the task gradient at any network size, see
@@ -191,48 +191,69 @@ class _Monitor:
                                f"(target {100 * self.reg.target_macs:.1f}%){' [frozen]' if self.reg.frozen else ''}")
 
 
-def scratch_dry_run(o: JobOptions, extra: dict[str, Any]) -> int:
+def spm_overrides(o: JobOptions) -> dict[str, Any]:
+    """The SPM settings the options give (`o.spm`'s fields that are not None, and `o.train.warmup_epochs` when
+    given), for `spm_settings` to complete with the method's defaults."""
+    _require_target(o)
+    extra = {k: v for k, v in asdict(o.spm).items() if v is not None}
+    if o.train.warmup_epochs is not None:  # else the official 8/90 of the epochs
+        extra["warmup_epochs"] = o.train.warmup_epochs
+    return extra
+
+
+def _require_target(o: JobOptions) -> None:
+    if o.prune.target_macs is None:
+        raise UserError("--target-macs is required (fraction of dense MACs to keep, e.g. 0.41)")
+
+
+def scratch_dry_run(o: JobOptions, extra: dict[str, Any] | None = None) -> int:
     """Print the search plan (groups gated, losses, schedule) without data (`regprune scratch --dry-run`); 0."""
     print(scratch_plan_text(o, extra))
     return 0
 
 
-def scratch_plan_text(o: JobOptions, extra: dict[str, Any]) -> str:
+def scratch_plan_text(o: JobOptions, extra: dict[str, Any] | None = None) -> str:
     """The search plan of a scratch job (groups gated, losses, schedule), as lines of text, without data: the
-    dataset's shapes are assumed from its name (see `assumed_shapes`). Raises UserError on bad SPM settings."""
+    dataset's shapes are assumed from its name (see `assumed_shapes`). `extra`: SPM settings (default: the
+    options', `spm_overrides`). Raises UserError on bad SPM settings."""
+    _require_target(o)
+    extra = spm_overrides(o) if extra is None else extra
     ch, size, classes, _ = assumed_shapes(o)
-    model = create_model(o.model, num_classes=classes, in_channels=ch)
+    model = create_model(o.run.model, num_classes=classes, in_channels=ch)
     gates = insert_gates(model, torch.zeros(1, ch, size, size))
-    s = spm_settings(gates.graph.total_macs, o.epochs, extra)
-    reg = SPMRegularizer(gates, o.target_macs, alpha_nuc=s["alpha_nuc"], alpha_mac=s["alpha_mac"],
+    s = spm_settings(gates.graph.total_macs, o.train.epochs, extra)
+    reg = SPMRegularizer(gates, o.prune.target_macs, alpha_nuc=s["alpha_nuc"], alpha_mac=s["alpha_mac"],
                          mac_norm=s["mac_norm"], tie_spread=s["tie_spread"])
     shared = sum(1 for r in gates.roots if gates.groups[r].coupled)
-    lines = [f"pruning from scratch: {o.model} on {o.data} (assumed {ch}x{size}x{size}, {classes} classes)"]
+    lines = [f"pruning from scratch: {o.run.model} on {o.data.name} (assumed {ch}x{size}x{size}, {classes} classes)"]
     lines.append(f"{len(gates.roots)} gated channel groups ({shared} shared across a residual stream: SPM); dense "
-                 f"{gates.graph.total_macs / 1e6:.2f} MMACs, target {100 * o.target_macs:.1f}% = "
-                 f"{o.target_macs * gates.graph.total_macs / 1e6:.2f} MMACs")
+                 f"{gates.graph.total_macs / 1e6:.2f} MMACs, target {100 * o.prune.target_macs:.1f}% = "
+                 f"{o.prune.target_macs * gates.graph.total_macs / 1e6:.2f} MMACs")
     lines.append(f"losses: alpha_nuc {s['alpha_nuc']:g} (every {s['nuc_every']} steps), alpha_mac {s['alpha_mac']:g} "
                  f"({s['mac_norm']} scale), input counts {'differentiable' if s['mac_grad_inputs'] else 'constant'}, "
                  f"gate lr x{s['gate_lr_scale']:g}; at S_max the MACs are "
                  f"{'snapped to the budget by channel importance (floor ' + format(s['snap_floor'], 'g') + ' of each group)' if s['exact_budget'] else 'left where the search ended (no snap, as in the paper)'}")
     lines.append(describe_scale(reg))
-    lines.append(f"schedule: {o.epochs:g} epochs, search (gates learning, losses on) for {s['search_epochs']:g}, then gates "
-                 f"frozen; lr {o.lr:g} {o.lr_schedule} with {s['warmup_epochs']:g} warm-up epochs, momentum {o.momentum:g}, "
-                 f"weight decay {o.weight_decay:g}{' (none on BN/bias)' if o.no_wd_bn_bias else ''}, label smoothing "
-                 f"{o.label_smoothing:g}, batch {o.batch_size}")
+    lines.append(f"schedule: {o.train.epochs:g} epochs, search (gates learning, losses on) for {s['search_epochs']:g}, then gates "
+                 f"frozen; lr {o.train.lr:g} {o.train.lr_schedule} with {s['warmup_epochs']:g} warm-up epochs, momentum {o.train.momentum:g}, "
+                 f"weight decay {o.train.weight_decay:g}{' (none on BN/bias)' if o.train.no_wd_bn_bias else ''}, label smoothing "
+                 f"{o.train.label_smoothing:g}, batch {o.data.batch_size}")
     return "\n".join(lines)
 
 
-def scratch_job(o: JobOptions, run: RunDir, extra: dict[str, Any]) -> dict[str, Any]:
-    """Search with gates from random init, freeze at S_max, train on, reconfigure exactly, report."""
+def scratch_job(o: JobOptions, run: RunDir, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Search with gates from random init, freeze at S_max, train on, reconfigure exactly, report. `extra`: SPM
+    settings (default: the options', `spm_overrides`)."""
+    _require_target(o)
+    extra = spm_overrides(o) if extra is None else extra
     bundle = load_job_data(o)
     x = example_input(bundle)
     train_loader, test_loader = job_loaders(o, bundle)
     model = new_model(o, bundle)
     dense = copy.deepcopy(model)
     gates = insert_gates(model, x)
-    s = spm_settings(gates.graph.total_macs, o.epochs, extra)
-    reg = SPMRegularizer(gates, o.target_macs, alpha_nuc=s["alpha_nuc"], alpha_mac=s["alpha_mac"],
+    s = spm_settings(gates.graph.total_macs, o.train.epochs, extra)
+    reg = SPMRegularizer(gates, o.prune.target_macs, alpha_nuc=s["alpha_nuc"], alpha_mac=s["alpha_mac"],
                          nuc_every=s["nuc_every"], mac_grad_inputs=s["mac_grad_inputs"], mac_norm=s["mac_norm"],
                          gate_lr_scale=s["gate_lr_scale"], tie_spread=s["tie_spread"])
     s["mac_scale"] = reg.mac_scale
@@ -240,7 +261,7 @@ def scratch_job(o: JobOptions, run: RunDir, extra: dict[str, Any]) -> dict[str, 
     run.mark("settings", spm=s)
     if E.is_main():
         print(describe_scale(reg), flush=True)
-    cfg = train_config(o, epochs=o.epochs, lr=o.lr, schedule=o.lr_schedule, warmup=s["warmup_epochs"])
+    cfg = train_config(o, o.train, warmup=s["warmup_epochs"])
     monitor = _Monitor(reg, s["search_epochs"], s["exact_budget"], s["snap_floor"])
     trainer = E.Trainer(model, train_loader, test_loader, cfg, run_dir=run.path, phase="scratch",
                         hooks=[reg, monitor], extra_param_groups=reg.param_groups())
@@ -248,7 +269,7 @@ def scratch_job(o: JobOptions, run: RunDir, extra: dict[str, Any]) -> dict[str, 
     if not reg.frozen:
         monitor.freeze(trainer)
     model.cpu().eval()
-    gated_metrics = evaluate_on(model, test_loader, o.device)
+    gated_metrics = evaluate_on(model, test_loader, o.run.device)
     model.cpu().eval()
     probe = next(iter(test_loader))[0][:16].cpu()
     with torch.no_grad():
@@ -257,13 +278,13 @@ def scratch_job(o: JobOptions, run: RunDir, extra: dict[str, Any]) -> dict[str, 
     pruned.eval()
     with torch.no_grad():
         diff = float((pruned(probe) - gated_out).abs().max())
-    final = evaluate_on(pruned, test_loader, o.device)
+    final = evaluate_on(pruned, test_loader, o.run.device)
     pruned.cpu()
     macs_frac = count_macs(pruned, x) / count_macs(dense, x)
     if E.is_main():
         save_model(pruned, run.file("model.safetensors"),
-                   {"method": "spm", "dataset": bundle.name, "top1": final["top1"], "target_macs": o.target_macs,
-                    "macs_fraction": macs_frac, "seed": o.seed, "input_size": bundle.image_size})
+                   {"method": "spm", "dataset": bundle.name, "top1": final["top1"], "target_macs": o.prune.target_macs,
+                    "macs_fraction": macs_frac, "seed": o.run.seed, "input_size": bundle.image_size})
     verification = getattr(pruned, "regprune_verification", None)
     run.mark("reconfigure", final=final, gated=gated_metrics, reconfig_max_abs_diff=diff, macs_fraction=macs_frac,
              verification=verification)
@@ -277,26 +298,26 @@ def scratch_job(o: JobOptions, run: RunDir, extra: dict[str, Any]) -> dict[str, 
         r["cpu_ms_b1"], r["cpu_ms_b1_iqr"] = round(lat[k], 3), round(lat.stats[k].iqr_ms, 3)
         d["cpu_ms_b1"] = lat.stats[k].text(3)
     table = format_table(shown, list(shown[0])) + "\n" + latency_lines({"PyTorch CPU batch 1": lat})
-    report = {"method": "spm", "model": o.model, "data": bundle.name, "rows": rows, "target_macs": o.target_macs,
-              "macs_fraction": macs_frac, "macs_gap_vs_target": macs_frac - o.target_macs,
+    report = {"method": "spm", "model": o.run.model, "data": bundle.name, "rows": rows, "target_macs": o.prune.target_macs,
+              "macs_fraction": macs_frac, "macs_gap_vs_target": macs_frac - o.prune.target_macs,
               "reconfig_max_abs_diff": diff, "gated": gated_metrics, "settings": s, "verification": verification,
               "search_macs_fraction": monitor.search_end, "snap": monitor.snap.to_dict() if monitor.snap else None,
               "cut_shares": cut_shares(monitor.search_end, macs_frac) if monitor.search_end is not None else None,
               "latency_speedup_b1": lat["dense"] / lat["pruned"], "latency_verdict_b1": lat.verdict().text(),
               "latency": {"cpu_b1": lat.to_dict()}}
-    write_report(run, report, f"SPM on {o.model} / {bundle.name}", table, dense, pruned)
+    write_report(run, report, f"SPM on {o.run.model} / {bundle.name}", table, dense, pruned)
     if E.is_main():
         recs = [r for r in E.read_metrics(run.path / E.METRICS_FILE) if r.get("kind") == "spm"]
         if recs:
             plot_lines(run.path / "plots" / "macs.png",
                        {"gated network": ([r["epoch"] for r in recs], [100 * r["macs_fraction"] for r in recs])},
-                       "epoch", "MACs (% of dense)", "MACs over the search", hline=100 * o.target_macs)
+                       "epoch", "MACs (% of dense)", "MACs over the search", hline=100 * o.prune.target_macs)
     shares = report["cut_shares"]
     snap = (f" (the search ended at {100 * monitor.search_end:.1f}% of dense MACs"
             + (f"; of the cut, the search did {100 * shares['search']:.0f}% and the budget snap "
                f"{100 * shares['snap']:.0f}%" if monitor.snap else "; no budget snap") + ")"
             if monitor.search_end is not None else "")
-    text = (f"{table}\nMACs {100 * macs_frac:.1f}% of dense (target {100 * o.target_macs:.1f}%){snap}, "
+    text = (f"{table}\nMACs {100 * macs_frac:.1f}% of dense (target {100 * o.prune.target_macs:.1f}%){snap}, "
             f"reconfiguration max |diff| {diff:.2e} (verified: {bool(verification)}), gated top-1 {gated_metrics['top1']:.2f} -> reconfigured "
             f"{final['top1']:.2f}; run in {run.path}")
     return {"table": text, "report": report}

@@ -25,17 +25,17 @@ def train_job(o: JobOptions, run: RunDir) -> dict[str, Any]:
     if run.done("train"):
         model, _ = load_model(run.file("model.safetensors"))
     else:
-        cfg = train_config(o, epochs=o.epochs, lr=o.lr, schedule=o.lr_schedule, warmup=o.warmup_epochs)
+        cfg = train_config(o, o.train)
         trainer = E.Trainer(model, train_loader, test_loader, cfg, run_dir=run.path, phase="train")
         trainer.fit(resume_from=run.checkpoint("train"))
-        metrics = evaluate_on(model, test_loader, o.device)
+        metrics = evaluate_on(model, test_loader, o.run.device)
         if E.is_main():
             save_model(model.cpu(), run.file("model.safetensors"),
-                       {"dataset": bundle.name, "top1": metrics["top1"], "epochs": o.epochs, "seed": o.seed,
+                       {"dataset": bundle.name, "top1": metrics["top1"], "epochs": o.train.epochs, "seed": o.run.seed,
                         "input_size": bundle.image_size})
         run.mark("train", base=metrics)
     x = example_input(bundle)
-    row = summary_row(o.model, model.cpu(), x, run.state["results"].get("base"))
+    row = summary_row(o.run.model, model.cpu(), x, run.state["results"].get("base"))
     return {"table": format_table([row], list(row)), "row": row}
 
 

@@ -716,3 +716,53 @@ def test_step_parts_place_the_batch_and_build_the_optimizer():
         check_phase("a/b")
     with pytest.raises(UserError, match="yields no batches"):
         steps_per_epoch([])
+
+
+def test_run_state_is_shared_by_the_loop_and_the_checkpoints(tmp_path):
+    train, test = loaders()
+    t = Trainer(make_model(), train, test, cfg(max_steps=12), run_dir=tmp_path)
+    run = t.run_state
+    assert (run.started, run.checkpoint_step, run.final_step, run.last_loss) == (False, -1, -1, None)
+    t.fit()
+    assert run.started and run.stage == "idle" and run.inflight is None and not run.interrupt_requested
+    assert run.checkpoint_step == run.final_step == run.last_eval_step == 12
+    assert t.last_loss == float(run.last_loss) and not run.stats.pending
+    t2 = Trainer(make_model(seed=5), train, test, cfg(max_steps=12), run_dir=tmp_path)
+    t2.load_checkpoint(t.checkpoint_path)
+    loaded = t2.run_state
+    assert loaded.started and (loaded.checkpoint_step, loaded.final_step, loaded.last_eval_step) == (12, 12, 12)
+    assert loaded.stats.state_dict() == run.stats.state_dict()
+
+
+def test_engine_modules_stay_small_and_use_no_private_name_of_another_module():
+    """regprune/engine/: modules of at most ~400 lines; a `_name` (import or attribute) is only used in the module
+    that defines it (torch's own classes, reached through `nn.`/`torch.`, aside)."""
+    import ast
+    from pathlib import Path
+
+    import regprune.engine
+
+    def private(name: str) -> bool:
+        return name.startswith("_") and not name.startswith("__")
+
+    for path in sorted(Path(regprune.engine.__file__).parent.glob("*.py")):
+        text = path.read_text()
+        assert len(text.splitlines()) <= 410, f"{path.name} has {len(text.splitlines())} lines"
+        tree = ast.parse(text)
+        defined = set()
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                defined.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                defined.add(node.attr)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                defined.add(node.id)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level >= 1:
+                names = [a.name for a in node.names if private(a.name)]
+                assert not names, f"{path.name} imports {names} from {node.module}"
+            elif isinstance(node, ast.Attribute) and private(node.attr) and node.attr not in defined:
+                owner = ast.unparse(node.value)
+                assert owner.startswith(("nn.", "torch.")), f"{path.name}:{node.lineno} uses {owner}.{node.attr}"
+            elif isinstance(node, ast.keyword) and node.arg is not None:
+                assert not private(node.arg), f"{path.name}:{node.lineno} passes {node.arg}="

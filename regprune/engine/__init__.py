@@ -10,11 +10,12 @@ from .evaluate import evaluate
 from .log import METRICS_FILE, MetricsLogger, read_metrics
 from .optim import build_param_groups, resolve_device
 from .schedule import LRSchedule, build_lr_scheduler, parse_lr_schedule
+from .state import RunState
 from .trainer import Trainer
 
 __all__ = [
     "recalibrate_bn",
-    "Trainer", "TrainConfig", "TrainingInterrupted", "TrainingDiverged", "evaluate", "build_param_groups",
+    "Trainer", "RunState", "TrainConfig", "TrainingInterrupted", "TrainingDiverged", "evaluate", "build_param_groups",
     "seed_everything", "resolve_device", "HOOK_METHODS", "CHECKPOINT_FORMAT",
     "LRSchedule", "parse_lr_schedule", "build_lr_scheduler",
     "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_save", "safe_load", "check_checkpoint_safe",

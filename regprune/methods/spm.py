@@ -23,7 +23,7 @@ from ..graph import GroupGraph
 from .base import Picks
 from .gates import GATES_ATTR, ChannelGate, GateSet, insert_gates
 
-__all__ = ["ChannelGate", "GateSet", "insert_gates", "SPMRegularizer", "reconfigure", "reference_scale", "GATES_ATTR",
+__all__ = ["ChannelGate", "GateSet", "insert_gates", "SPMRegularizer", "reference_scale", "GATES_ATTR",
            "REF_DENSE_GMACS", "REF_SHARE_SUM"]
 
 # The paper's setting (official code, ResNet-50 on ImageNet at 224 px): alpha_mac 0.5 on (GMACs - budget)^2.
@@ -376,13 +376,3 @@ def reference_scale(size: int = 224) -> tuple[float, float]:
 def _distributed() -> bool:
     return (torch.distributed.is_available() and torch.distributed.is_initialized()
             and torch.distributed.get_world_size() > 1)
-
-
-def reconfigure(model: nn.Module, gates: GateSet | SPMRegularizer, example_inputs: torch.Tensor,
-                before_surgery=None) -> nn.Module:
-    """Compatibility alias of `regprune.reconfigure.reconfigure` (same arguments, result and errors).
-
-    The surgery layer is imported only when this is called, so importing `regprune.methods` never loads it."""
-    from ..reconfigure import reconfigure as _reconfigure
-
-    return _reconfigure(model, gates, example_inputs, before_surgery)

@@ -1,22 +1,33 @@
-"""The project's one MACs and parameter counter: multiply-accumulates of every conv and linear layer.
+"""The project's one MACs and parameter counter: multiply-accumulates of every conv and linear layer, and of the
+matrix products a forward computes by function calls (attention).
 
 Counted kinds (`COUNTED`): Conv1d/2d/3d, ConvTranspose1d/2d/3d (grouped and depthwise included) and Linear,
-also on inputs with leading dimensions (token sequences). MACs are per sample: the batch dimension (dim 0)
-is divided out. Layers that do multiply-accumulates this counter does not see (attention whose projections
-run functionally, recurrent layers, Bilinear, custom modules with weight matrices) are listed by
+also on inputs with leading dimensions (token sequences), by forward hooks. Function calls outside those layers
+are counted too (`recording`): F.linear and F.conv1d/2d/3d (a layer's weights used functionally, as Swin's
+attention does), matrix products (matmul, @, mm, bmm, baddbmm, addmm, two-operand einsum),
+F.scaled_dot_product_attention (QK^T and AV) and nn.MultiheadAttention's F.multi_head_attention_forward (input
+projections, QK^T, AV, output projection); that is what torchvision's published GFLOPS count. MACs are per
+sample: the batch dimension (dim 0) is divided out. Layers that do multiply-accumulates this counter does not see
+(recurrent layers, Bilinear, custom modules with weight matrices used by other ops) are listed by
 `uncounted_layers`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
 
-__all__ = ["COUNTED", "call_model", "output_tensors", "channels", "count_macs", "count_params", "hooked_forward", "is_counted",
-           "is_depthwise", "kept_layer_macs", "layer_macs", "macs_hook", "uncounted_layers"]
+from .op_macs import function_macs
+
+__all__ = ["COUNTED", "MacsRecord", "call_model", "output_tensors", "channels", "count_macs", "count_params",
+           "hooked_forward", "is_counted", "is_depthwise", "kept_layer_macs", "layer_macs", "macs_hook", "recording",
+           "uncounted_layers"]
 
 COUNTED: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
 """Module classes whose MACs are counted (every conv and transposed conv of any dimension, and Linear)."""
@@ -27,6 +38,9 @@ _NOT_MACS: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.Lay
     (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 # kinds known to do multiply-accumulates the hooks cannot see
 _UNCOUNTED_MACS: tuple[type[nn.Module], ...] = (nn.MultiheadAttention, nn.RNNBase, nn.RNNCellBase, nn.Bilinear)
+
+# modules a recording counted function-call MACs for that have no channels of their own (see `channels`)
+_HOLDERS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 def is_counted(mod: nn.Module) -> bool:
@@ -43,12 +57,19 @@ def is_depthwise(mod: nn.Module) -> bool:
 
 
 def channels(mod: nn.Module) -> tuple[int, int]:
-    """(out, in) channel counts of a counted layer: out_channels/in_channels of a conv or transposed conv,
-    out_features/in_features of a Linear. Raises TypeError for any other module (check `is_counted` first)."""
+    """(out, in) channel counts of a module in a MACs table (`layer_macs`): out_channels/in_channels of a conv or
+    transposed conv, out_features/in_features of a Linear, (embed_dim, embed_dim) of an nn.MultiheadAttention, and
+    (1, 1) for any other module a `recording` has counted function-call MACs for (attention products: channel
+    pruning never removes any of its width, so `kept_layer_macs` keeps its MACs whole). Raises TypeError for any
+    other module."""
     if isinstance(mod, nn.modules.conv._ConvNd):
         return mod.out_channels, mod.in_channels
     if isinstance(mod, nn.Linear):
         return mod.out_features, mod.in_features
+    if isinstance(mod, nn.MultiheadAttention):
+        return mod.embed_dim, mod.embed_dim
+    if mod in _HOLDERS:
+        return 1, 1
     raise TypeError(f"{type(mod).__name__} is not a counted layer (conv, transposed conv or linear)")
 
 
@@ -127,17 +148,106 @@ def hooked_forward(model: nn.Module, example_inputs: Any, hooks: list) -> Any:
             m.training = f
 
 
+@dataclass
+class MacsRecord:
+    """What `recording` saw: per-sample MACs by module name (`macs`, final once the context exits), the names of
+    the modules that ran (`ran`), and the parameters whose products were counted from function calls
+    (`consumed`, by id)."""
+
+    macs: dict[str, int] = field(default_factory=dict)
+    ran: set[str] = field(default_factory=set)
+    consumed: set[int] = field(default_factory=set)
+
+
+class _FunctionMacs(torch.overrides.TorchFunctionMode):
+    """Counts the MACs of torch function calls made outside counted layers (see `op_macs.function_macs`)."""
+
+    def __init__(self, owners: dict[int, str], stack: list, totals: dict[str, int], consumed: set[int]) -> None:
+        super().__init__()
+        self.owners, self.stack, self.totals, self.consumed = owners, stack, totals, consumed
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.stack and self.stack[-1][1]:  # inside a counted layer: its hook counts it
+            return out
+        name = getattr(func, "__name__", "")
+        try:
+            parts = function_macs(name, args, kwargs or {}, out)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError):
+            parts = []  # arguments in a form the formulas do not know: nothing counted
+        for weight, macs in parts:
+            owner = self.owners.get(id(weight)) if weight is not None else None
+            if owner is None:
+                owner = self.stack[-1][0] if self.stack else ""
+            if weight is not None and id(weight) in self.owners:
+                self.consumed.add(id(weight))
+            self.totals[owner] = self.totals.get(owner, 0) + int(macs)
+        return out
+
+
+def _batch(example_inputs: Any) -> int:
+    from torch.utils._pytree import tree_flatten
+
+    for t in tree_flatten(example_inputs)[0]:
+        if isinstance(t, torch.Tensor) and t.dim() > 0:
+            return max(int(t.shape[0]), 1)
+    return 1
+
+
+@contextlib.contextmanager
+def recording(model: nn.Module, example_inputs: Any) -> Iterator[MacsRecord]:
+    """Inside: forwards of `model` add their per-sample MACs to the yielded record, by module name. A counted layer
+    (conv, linear) gets its own calls' MACs (see `_call_macs`); a function call outside counted layers adds to the
+    layer whose weight it uses (a Linear used through F.linear, nn.MultiheadAttention's input projection, its
+    out_proj), else to the innermost module running (attention products: timm's Attention, Swin's window
+    attention; "" is the model itself). Function-call MACs are divided by the batch of `example_inputs` (dim 0 of
+    its first tensor). The record's `macs` is complete once the context exits (hooks removed)."""
+    rec = MacsRecord()
+    stack: list[tuple[str, bool]] = []
+    totals: dict[str, int] = {}
+    names = {m: n for n, m in model.named_modules()}
+    owners = {id(p): n for n, m in model.named_modules() for p in m.parameters(recurse=False)}
+
+    def enter(mod, inp):
+        stack.append((names[mod], is_counted(mod)))
+
+    def leave(mod, inp, out):
+        name = names[mod]
+        if stack and stack[-1][0] == name:
+            stack.pop()
+        rec.ran.add(name)
+        if is_counted(mod):
+            rec.macs[name] = rec.macs.get(name, 0) + _call_macs(mod, inp[0], out)
+
+    hooks = []
+    for m in model.modules():
+        hooks += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
+    try:
+        with _FunctionMacs(owners, stack, totals, rec.consumed):
+            yield rec
+    finally:
+        for h in hooks:
+            h.remove()
+    batch = _batch(example_inputs)
+    mods = dict(model.named_modules())
+    for name, macs in totals.items():
+        rec.macs[name] = rec.macs.get(name, 0) + macs // batch
+        if not is_counted(mods[name]) and not isinstance(mods[name], nn.MultiheadAttention):
+            _HOLDERS.add(mods[name])
+
+
 def layer_macs(model: nn.Module, example_inputs: Any) -> dict[str, int]:
-    """Per-sample MACs of every counted layer that ran, by module name (layers never called are absent)."""
-    out: dict[str, int] = {}
-    hooked_forward(model, example_inputs, [m.register_forward_hook(macs_hook(name, out))
-                                           for name, m in model.named_modules() if is_counted(m)])
-    return out
+    """Per-sample MACs by module name of every counted layer that ran and of every module that function calls
+    were counted for (see `recording`); modules never called are absent."""
+    with recording(model, example_inputs) as rec:
+        hooked_forward(model, example_inputs, [])
+    return rec.macs
 
 
 def count_macs(model: nn.Module, example_inputs: Any) -> int:
-    """Total per-sample MACs of conv, transposed conv and linear layers (the papers' convention: no norm,
-    activation, pooling or attention-matmul MACs)."""
+    """Total per-sample MACs: conv, transposed conv and linear layers and the matrix products of attention (QK^T
+    and AV, the projections of nn.MultiheadAttention and of layers used through F.linear), as torchvision's
+    published GFLOPS count them; no norm, activation, softmax or pooling MACs (see `recording`)."""
     return sum(layer_macs(model, example_inputs).values())
 
 
@@ -153,22 +263,24 @@ def _weight_like(p: torch.Tensor) -> bool:
     return p.dim() >= 2 and p.shape[0] > 1 and sum(s > 1 for s in p.shape) >= 2
 
 
-def uncounted_layers(model: nn.Module, example_inputs: Any, ran: set[str] | None = None) -> list[tuple[str, str]]:
+def uncounted_layers(model: nn.Module, example_inputs: Any, record: MacsRecord | None = None) -> list[tuple[str, str]]:
     """(name, class name) of modules that ran in one forward pass on `example_inputs`, own parameters
-    themselves (recurse=False), and do multiply-accumulates `count_macs` does not see: nn.MultiheadAttention
-    (its projections run functionally), RNN/LSTM/GRU and their cells, Bilinear, and any other uncounted module
-    with a weight-matrix-like parameter (see `_weight_like`). Norm layers, embeddings, PReLU and per-channel
-    parameters are not reported. In model order; the model itself is named "". `ran`: the names of the modules
-    that ran, when a caller's own forward pass already recorded them (then no forward pass is made here)."""
-    if ran is None:
-        ran = set()
-        hooks = [m.register_forward_hook(lambda mod, i, o, _n=name: ran.add(_n)) for name, m in model.named_modules()]
-        hooked_forward(model, example_inputs, hooks)
+    themselves (recurse=False), and do multiply-accumulates `count_macs` does not see: RNN/LSTM/GRU and their cells,
+    Bilinear, and any other uncounted module with a weight-matrix-like parameter (see `_weight_like`) that no
+    counted function call used. A module some function-call MACs were counted for (nn.MultiheadAttention, the
+    attention modules of timm, Swin and MaxViT, whose other parameters are biases and position-bias tables) is
+    not reported.
+    Norm layers, embeddings, PReLU and per-channel parameters are not reported. In model order; the model itself is
+    named "". `record`: a `recording` of a forward pass the caller already made (then no forward pass is made
+    here)."""
+    if record is None:
+        with recording(model, example_inputs) as record:
+            hooked_forward(model, example_inputs, [])
     out = []
     for name, m in model.named_modules():
-        if name not in ran or is_counted(m) or isinstance(m, _NOT_MACS):
-            continue
-        own = list(m.parameters(recurse=False))
+        if name not in record.ran or name in record.macs or is_counted(m) or isinstance(m, _NOT_MACS):
+            continue  # products counted for it (attention; its other parameters are biases and bias tables)
+        own = [p for p in m.parameters(recurse=False) if id(p) not in record.consumed]
         if own and (isinstance(m, _UNCOUNTED_MACS) or any(_weight_like(p) for p in own)):
             out.append((name, type(m).__name__))
     return out

@@ -2,178 +2,24 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
-import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
-import torch_pruning.dependency.index_mapping as _tp_index_mapping
 from torch.utils._pytree import tree_flatten
 
-from .counting import call_model, is_counted, is_depthwise, macs_hook, uncounted_layers
+from .channel_maps import shuffles
+from .counting import MacsRecord, call_model, is_counted, is_depthwise, recording, uncounted_layers
+from .depgraph import CUSTOM_PRUNERS, IndexMappingDiverges, PadShortcutPruner, mapped_once, trace, widest
 from .errors import UserError
-from .models.cifar import PadShortcut
 
-__all__ = ["Member", "ChannelGroup", "GroupGraph", "analyze", "model_family", "PadShortcutPruner",
-           "IndexMappingDiverges"]
-
-
-class PadShortcutPruner(tp.pruner.function.BasePruningFunc):
-    """Teaches the dependency graph that an option-A shortcut maps input channels to output channels.
-
-    Without it the graph sees the zero padding as element-wise and couples the residual streams of
-    all stages into one (wrong) group.
-    """
-
-    TARGET_MODULES = PadShortcut
-
-    def prune_out_channels(self, layer: PadShortcut, idxs: Sequence[int]) -> PadShortcut:
-        drop = set(int(i) for i in idxs)
-        keep = [i for i in range(layer.out_planes) if i not in drop]
-        layer.index = layer.index[torch.tensor(keep, dtype=torch.long)].clone()
-        return layer
-
-    def prune_in_channels(self, layer: PadShortcut, idxs: Sequence[int]) -> PadShortcut:
-        drop = torch.tensor(sorted(int(i) for i in idxs), dtype=torch.long)
-        index = layer.index.clone()
-        removed = torch.isin(index, drop)
-        # removed inputs were zero in the equivalent dense model: map them to the zero channel
-        shift = (index.unsqueeze(1) > drop.unsqueeze(0)).sum(1)
-        index = torch.where(removed | (index < 0), torch.full_like(index, -1), index - shift)
-        layer.index = index
-        layer.in_planes -= len(drop)
-        return layer
-
-    def get_out_channels(self, layer: PadShortcut) -> int:
-        return layer.out_planes
-
-    def get_in_channels(self, layer: PadShortcut) -> int:
-        return layer.in_planes
-
-
-CUSTOM_PRUNERS: dict = {PadShortcut: PadShortcutPruner()}
+__all__ = ["Member", "ChannelGroup", "GroupGraph", "analyze", "model_family", "trial_graph", "PadShortcutPruner",
+           "CUSTOM_PRUNERS", "IndexMappingDiverges"]
 
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
-
-
-class IndexMappingDiverges(UserError):
-    """A group's channel indices do not settle while they are mapped through the graph's reshapes (Torch-Pruning
-    reads some window and head reshapes of transformer blocks as flattens): the group cannot be formed."""
-
-
-# Torch-Pruning recomputes every reshape/concat/split index mapping of the whole graph each time it forms a
-# group (`DependencyGraph.get_pruning_group`). The mappings depend only on the graph and the current layer widths,
-# so while a graph is in `_mapped_once` they are computed once on entry and reused for every group formed inside.
-_ONCE: "weakref.WeakKeyDictionary[tp.DependencyGraph, _Traversal]" = weakref.WeakKeyDictionary()
-_tp_update_index_mapping = _tp_index_mapping.update_index_mapping
-
-
-def _update_index_mapping(graph) -> None:
-    if graph not in _ONCE:
-        _tp_update_index_mapping(graph)
-
-
-_tp_index_mapping.update_index_mapping = _update_index_mapping
-
-
-class _Traversal:
-    """What one group formation has passed on so far: channel indices per (layer node, pruning function)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.seen: dict[tuple[Any, Any], set[int]] = {}
-
-
-class _NewIndices:
-    """A dependency's index mappings (Torch-Pruning's, applied in order) that pass on only the channel indices
-    its target has not been given yet in this group formation, one entry per index, sorted.
-
-    TP's traversal stops at a layer it reaches again only when the index list is equal to one given before; through
-    the window and head reshapes of transformer blocks (Swin, MaxViT) the same channels come back in other orders
-    and subsets, and the lists multiplied (minutes per group). Every mapping is a function of each index alone, so
-    giving each (layer, function) each index once forms the same group. A list longer than `limit` (more indices
-    than any layer has channels: a reshape read as a flatten) raises IndexMappingDiverges."""
-
-    def __init__(self, dep, mappings: list, trav: _Traversal) -> None:
-        self.key, self.mappings, self.trav = (dep.target, dep.handler), mappings, trav
-
-    def __call__(self, idxs):
-        for mp in self.mappings:
-            if mp is not None:
-                # a flatten gives `stride` indices per index: refused before a list past the limit is built
-                grows = isinstance(mp, _tp_index_mapping._FlattenIndexMapping) and not mp.reverse
-                too_many = grows and len(idxs) * mp._stride > self.trav.limit
-                idxs = idxs if too_many else mp(idxs)
-                if too_many or len(idxs) > self.trav.limit:
-                    raise IndexMappingDiverges(
-                        "its channel indices do not settle through the model's reshapes (a mapping gives more "
-                        f"than {self.trav.limit} indices, far more than any layer of the model has channels)")
-        seen = self.trav.seen.setdefault(self.key, set())
-        new: dict[int, Any] = {}
-        for i in idxs:
-            if i.idx not in seen:
-                new.setdefault(i.idx, i)
-        seen.update(new)
-        return [new[k] for k in sorted(new)]
-
-
-def _widest(model: nn.Module) -> int:
-    """The most channels / features any tensor dimension of `model`'s layers can have (a bound for index lists)."""
-    widths = [1]
-    for m in model.modules():
-        for a in ("in_channels", "out_channels", "in_features", "out_features", "num_features", "embed_dim"):
-            v = getattr(m, a, None)
-            if isinstance(v, int):
-                widths.append(v)
-        for p in m.parameters(recurse=False):
-            widths.append(max(p.shape, default=1))
-    return max(widths)
-
-
-_MAPPED_AT: "weakref.WeakKeyDictionary[tp.DependencyGraph, tuple]" = weakref.WeakKeyDictionary()
-
-
-def _widths(dg: tp.DependencyGraph) -> tuple:
-    """Every traced layer's (out, in) channels and every traced parameter's shape: what the mappings depend on."""
-    out = []
-    for m in dg.module2node:
-        if isinstance(m, nn.Parameter):
-            out.append(tuple(m.shape))
-            continue
-        pruner = dg.get_pruner_of_module(m)
-        out.append(None if pruner is None else (pruner.get_out_channels(m), pruner.get_in_channels(m)))
-    return tuple(out)
-
-
-@contextlib.contextmanager
-def _mapped_once(dg: tp.DependencyGraph, limit: int) -> Iterator[_Traversal]:
-    """Inside: `dg`'s index mappings are computed once (on entry, for the current layer widths) and every group
-    formed reuses them, passing each index on once (see _NewIndices; clear the yielded traversal's `seen` before
-    each group). On exit TP's own mappings are put back. Nested uses share the outer one's mappings."""
-    if dg in _ONCE:
-        yield _ONCE[dg]
-        return
-    widths = _widths(dg)
-    if _MAPPED_AT.get(dg) != widths:  # TP's mappings on the graph are for other widths (or never computed)
-        _tp_update_index_mapping(dg)
-        _MAPPED_AT[dg] = widths
-    trav = _Traversal(limit)
-    saved = []
-    for node in dg.module2node.values():
-        for dep in node.dependencies:
-            saved.append((dep, dep.index_mapping))
-            dep.index_mapping = [_NewIndices(dep, list(dep.index_mapping), trav)]
-    _ONCE[dg] = trav
-    try:
-        yield trav
-    finally:
-        del _ONCE[dg]
-        for dep, mappings in saved:
-            dep.index_mapping = mappings
 
 
 @dataclass
@@ -214,32 +60,26 @@ def _grouped(m: nn.Module) -> bool:
     return isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and not is_depthwise(m)
 
 
-def _probe(model: nn.Module, example_inputs) -> tuple[dict[str, int], set[str], set[str], set[str]]:
-    """Forward passes that read what the trace does not say: per-sample MACs of every counted layer, the layers
-    whose output reaches a network output through parameter-free or per-channel functions only (found by graph
-    position: a walk back from every output through the autograd graph that stops at counted layers), the
-    modules that run in eval mode, and those that run only in train mode (auxiliary heads)."""
+def _probe(model: nn.Module, example_inputs) -> tuple[MacsRecord, set[str], set[str]]:
+    """Forward passes that read what the trace does not say: the MACs record of an eval-mode pass (per-sample MACs
+    by layer, the modules that ran: `counting.recording`), the layers whose output reaches a network output
+    through parameter-free or per-channel functions only (found by graph position: a walk back from every output
+    through the autograd graph that stops at counted layers), and the modules that run only in train mode
+    (auxiliary heads)."""
     from .verify import buffers_kept, cloned_inputs, run_in_mode, modes_kept, train_batch
 
-    macs: dict[str, int] = {}
     produced: dict[Any, str] = {}
-    called_eval: set[str] = set()
-    hooks = []
 
     def mark(name):
         def hook(mod, inp, out):
-            called_eval.add(name)
             if is_counted(mod) and not is_depthwise(mod) and isinstance(out, torch.Tensor) and out.grad_fn is not None:
                 produced[out.grad_fn] = name
         return hook
 
-    for name, m in model.named_modules():
-        if is_counted(m):
-            hooks.append(m.register_forward_hook(macs_hook(name, macs)))
-        hooks.append(m.register_forward_hook(mark(name)))
+    hooks = [m.register_forward_hook(mark(name)) for name, m in model.named_modules() if is_counted(m)]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        with modes_kept(model):
+        with modes_kept(model), recording(model, example_inputs) as record:
             model.eval()
             for p, _ in flags:
                 p.requires_grad_(True)
@@ -273,19 +113,7 @@ def _probe(model: nn.Module, example_inputs) -> tuple[dict[str, int], set[str], 
     finally:
         for h in hooks:
             h.remove()
-    return macs, outputs, called_eval, called_train - called_eval
-
-
-def _trace_failure(exc: Exception) -> str:
-    """One line on why Torch-Pruning could not trace a model."""
-    import traceback
-
-    what = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    frames = {f.name for f in traceback.extract_tb(exc.__traceback__)}
-    if isinstance(exc, ZeroDivisionError) and "update_reshape_index_mapping" in frames:
-        return ("a reshape that splits the channel dimension and regroups it (such as ShuffleNet's channel "
-                f"shuffle, view -> transpose -> view) is not supported by the tracer ({what})")
-    return what
+    return record, outputs, called_train - record.ran
 
 
 class GroupGraph:
@@ -307,24 +135,18 @@ class GroupGraph:
         self.model = model
         self.example_inputs = check_example_inputs(example_inputs)
         self.names = {m: n for n, m in model.named_modules()}
-        from .verify import cloned_inputs, modes_kept
-
-        try:
-            with modes_kept(model):  # the tracer switches to eval mode
-                self.dg = tp.DependencyGraph().build_dependency(
-                    model, example_inputs=cloned_inputs(example_inputs), customized_pruners=CUSTOM_PRUNERS)
-        except Exception as exc:  # tracing failures are the model's, not a bug of ours: say which
-            raise UserError(f"cannot trace the model's channel dependencies: {_trace_failure(exc)}") from exc
-        self.layer_macs, self.outputs, called, self.train_only = ({}, set(), set(), set())
+        self.dg = trace(model, example_inputs)
+        record, self.outputs, self.train_only = MacsRecord(), set(), set()
         if probe:  # trial copies (see verify.group_safety) need the dependency graph only
-            self.layer_macs, self.outputs, called, self.train_only = _probe(model, example_inputs)
-        self.uncounted = uncounted_layers(model, example_inputs, ran=called) if probe else []
+            record, self.outputs, self.train_only = _probe(model, example_inputs)
+        self.layer_macs = record.macs
+        self.uncounted = uncounted_layers(model, example_inputs, record=record) if probe else []
         traced = set(self.dg.module2node)
-        self.untraced = sorted(n for n, m in model.named_modules() if n in called and m not in traced
+        self.untraced = sorted(n for n, m in model.named_modules() if n in record.ran and m not in traced
                                and is_counted(m))
         self.total_macs = sum(self.layer_macs.values())
         self.groups: dict[str, ChannelGroup] = {}
-        self._limit = 4 * _widest(model) + 1024
+        self._limit = 4 * widest(model) + 1024
         self._only = None if roots is None else set(roots)
         self._build(include_coupled, family)
         if safety:
@@ -365,14 +187,31 @@ class GroupGraph:
                         f"beyond its {n} (through a reshape the tracer reads as a flatten)")
         return ""
 
+    def _shuffled(self, group) -> str:
+        """Why `group` cannot be cut because its channels pass a channel shuffle ('' when they pass none).
+
+        A shuffle (view -> transpose -> view) interleaves g parts of its input at fixed positions (channel
+        i * C/g + j goes to j * g + i), and what reads it (ShuffleNetV2's next split) cuts at fixed positions too.
+        Removing channels keeps the order of the others, so every later channel lands on another position of the
+        interleave and of the split: the pruned model would mix channels the dense one keeps apart. (Orders that
+        survive exist only for rare combinations of channels across all the groups of a stage.)"""
+        found = {n: sh for sh in shuffles(self.dg) for n in sh.nodes}
+        for dep, _ in group:
+            sh = found.get(dep.target)
+            if sh is not None:
+                return (f"its channels pass a channel shuffle ({sh.channels} channels interleaved from {sh.groups} "
+                        "parts, view -> transpose -> view): removing some moves every later channel to another "
+                        "position of the interleave, so no cut of this group alone is exact")
+        return ""
+
     def _all_groups(self):
         """(root module, TP group or None, why not) for every conv/linear that starts a group, as
         `DependencyGraph.get_all_groups` forms them (a layer already in an earlier group's outputs starts none),
-        with the index mappings computed once for all of them (see `_mapped_once`)."""
+        with the index mappings computed once for all of them (see `depgraph.mapped_once`)."""
         dg = self.dg
         visited: set = set()
         ignored = list(dg.IGNORED_LAYERS_IN_TRACING)
-        with _mapped_once(dg, self._limit) as trav:
+        with mapped_once(dg, self._limit) as trav:
             for m in list(dg.module2node):
                 if not isinstance(m, ROOT_TYPES) or m in visited or any(m is i for i in ignored):
                     continue
@@ -402,7 +241,7 @@ class GroupGraph:
                                                  unsafe=True, kind="unsafe", reason=f"unsafe: {why}",
                                                  _total=self.total_macs)
                 continue
-            beyond = self._beyond(group)
+            beyond = self._beyond(group) or self._shuffled(group)
             if beyond:  # refused before any trial: such a group cannot be cut
                 n = self.dg.get_pruner_of_module(root_mod).get_out_channels(root_mod)
                 self.groups[root] = ChannelGroup(root=root, channels=n, members=self._members(group), writers=[root],
@@ -492,14 +331,14 @@ class GroupGraph:
     def mapped_once(self):
         """Context in which `tp_group` reuses one computation of the graph's index mappings: for forming several
         groups while no layer changes width (no cut happens inside)."""
-        return _mapped_once(self.dg, self._limit)
+        return mapped_once(self.dg, self._limit)
 
     def tp_group(self, root: str, idxs: Sequence[int]):
         """Torch-Pruning group that removes output channels `idxs` of `root` and everything coupled. Raises
-        IndexMappingDiverges (a UserError) for a root whose group cannot be formed (see `_NewIndices`)."""
+        IndexMappingDiverges (a UserError) for a root whose group cannot be formed (see `depgraph._NewIndices`)."""
         mod = self.module(root)
         fn = tp.prune_linear_out_channels if isinstance(mod, nn.Linear) else tp.prune_conv_out_channels
-        with _mapped_once(self.dg, self._limit) as trav:  # for the widths as they are now (after earlier cuts)
+        with mapped_once(self.dg, self._limit) as trav:  # for the widths as they are now (after earlier cuts)
             trav.seen.clear()
             return self.dg.get_pruning_group(mod, fn, list(int(i) for i in idxs))
 

@@ -307,7 +307,7 @@ class Plan:
             return ""
         names = ", ".join(f"{n or '(model)'} ({k})" for n, k in self.uncounted[:4])
         return (f"MACs leave out {len(self.uncounted)} layer(s) of kinds the counter does not know ({names}); "
-                "the speedup counts conv and linear layers only")
+                "the speedup counts the conv, linear and matrix-product MACs it sees")
 
     @property
     def speedup(self) -> float:

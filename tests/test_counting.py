@@ -117,13 +117,13 @@ class Mixed(nn.Module):
         return x.transpose(1, 2) @ self.mix
 
 
-def test_uncounted_layers_flags_attention_rnn_and_weight_matrices():
+def test_attention_and_function_products_are_counted_rnn_is_flagged():
     m = Mixed()
     tokens = torch.randint(0, 20, (2, 5))
-    found = uncounted_layers(m, tokens)
-    assert found == [("", "Mixed"), ("attn", "MultiheadAttention"), ("lstm", "LSTM")]
-    # the attention's projections run functionally: its out_proj never counts
-    assert set(layer_macs(m, tokens)) == {"conv"}
+    # attention (E=8, L=S=5) per sample: input projections 3*5*8*8 = 960, QK^T and AV 2*5*5*8 = 400 -> "attn";
+    # out_proj 5*8*8 = 320 (F.linear on its weight); conv 64 x 5 positions; x @ mix (5, 8) @ (8, 8) = 320 -> ""
+    assert layer_macs(m, tokens) == {"attn": 1360, "attn.out_proj": 320, "conv": 320, "": 320}
+    assert uncounted_layers(m, tokens) == [("lstm", "LSTM")]  # recurrent layers stay uncounted, and said so
 
 
 def test_uncounted_layers_quiet_on_plain_cnn():
@@ -213,3 +213,48 @@ def test_target_between_two_channel_steps_is_refused():
         make_plan(g, target_macs=0.94)
     plan = make_plan(g, target_macs=0.9)
     assert plan.removal == {"c1": 1}
+
+
+def _tiny_vit(kind):
+    """2 layers, 2 heads, width 32, MLP 128, 32x32 input in 8x8 patches: 16 patches + class token = 17 tokens."""
+    if kind == "torchvision":
+        import torchvision
+
+        return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                    hidden_dim=32, mlp_dim=128, num_classes=10)
+    import timm
+
+    return timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2,
+                                                            num_heads=2, mlp_ratio=4.0, num_classes=10)
+
+
+@pytest.mark.parametrize("kind", ["torchvision", "timm"])
+def test_vit_attention_macs_by_hand(kind):
+    # per layer: q, k, v projections 3*17*32*32 = 52224, QK^T and AV 2*17*17*32 = 18496, output projection
+    # 17*32*32 = 17408, MLP 2*17*32*128 = 139264; patch embedding 32*3*8*8 = 6144 x 16 patches; head 32*10
+    expected = 6144 * 16 + 2 * (52224 + 18496 + 17408 + 139264) + 320
+    m, x = _tiny_vit(kind), torch.randn(3, 3, 32, 32)
+    assert count_macs(m, x) == expected == 553408
+    g = analyze(m, x[:1])
+    assert sum(g.layer_macs.values()) == g.total_macs == expected  # the planner's table is the same counter
+    assert not g.uncounted
+
+
+@pytest.mark.parametrize("name,size", [("vit_b_16", 224), ("swin_t", 224)])
+def test_counting_matches_torchvision_published_ops(name, size):
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+    published = weights.meta["_ops"] * 1e9  # GFLOPS in torchvision's tables are multiply-accumulates
+    m, x = torchvision.models.get_model(name), torch.zeros(1, 3, size, size)
+    assert abs(count_macs(m, x) - published) <= 0.02 * published  # measured: within 0.01%
+    assert uncounted_layers(m, x) == []  # nothing left out (Swin's position-bias tables are look-ups)
+
+
+def test_vit_plan_estimate_equals_counted_pruned_model():
+    import regprune
+
+    m, x = _tiny_vit("torchvision"), torch.randn(1, 3, 32, 32)
+    res = regprune.prune(m, x, ratios="0.5")  # the MLP hidden widths; attention stays whole
+    assert res.plan.dense_macs == count_macs(m, x) == 553408
+    assert res.plan.pruned_macs == count_macs(res.model, x) == 553408 - 2 * 139264 // 2

@@ -1,9 +1,8 @@
 """Per-step overhead of regprune's Trainer against a bare hand-written PyTorch training loop.
 
-Both loops train the same architecture (same init) on the same pre-generated random batches with the same
-SGD settings. After a warm-up, they run interleaved (trainer, bare, trainer, bare, ...) for `--repeats`
-rounds of `--steps` steps each; the median seconds per step of each and their ratio are printed and written
-to benchmarks/results/engine_overhead.json.
+Both train the same architecture (same init) on the same pre-generated random batches with the same SGD settings;
+after a warm-up they run interleaved for `--repeats` rounds of `--steps` steps each. The median ms per step of
+each and their ratio are printed and written to benchmarks/results/engine_overhead.json.
 
     python benchmarks/engine_overhead.py --steps 50 --repeats 7 --model resnet20
 """
@@ -11,7 +10,6 @@ to benchmarks/results/engine_overhead.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -19,17 +17,15 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness as H  # noqa: E402  (puts the repository root on sys.path)
+
+import torch  # noqa: E402
 
 from regprune.engine import TrainConfig, Trainer, atomic_write_text, resolve_device  # noqa: E402
 from regprune.models import create_model  # noqa: E402
-
-__all__ = ["main", "bare_loop", "CyclicBatches"]
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
 
@@ -37,72 +33,17 @@ LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
 class CyclicBatches:
     """A loader stand-in: `length` batches per epoch cycled from a fixed list, with no data-loading cost."""
 
-    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> None:
-        self.batches = batches
-        self.length = length
+    def __init__(self, batches: list, length: int) -> None:
+        self.batches, self.length = batches, length
 
     def __len__(self) -> int:
         return self.length
 
     def __iter__(self):
-        for i in range(self.length):
-            yield self.batches[i % len(self.batches)]
-
-
-def bare_loop(model: torch.nn.Module, batches: list, amp: bool, channels_last: bool) -> Callable[[int], None]:
-    """The hand-written reference: returns run(n) that trains n steps."""
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    model.train()
-    state = {"i": 0}
-
-    def run(n: int) -> None:
-        for _ in range(n):
-            x, y = batches[state["i"] % len(batches)]
-            state["i"] += 1
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.float16) if amp else contextlib.nullcontext():
-                loss = F.cross_entropy(model(x), y)
-            if amp:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
-
-    return run
-
-
-def trainer_loop(model: torch.nn.Module, batches: list, steps: int, device: str, amp: bool,
-                 channels_last: bool) -> Callable[[int], None]:
-    """The Trainer doing the same work: returns run(n) that continues training for n more steps."""
-    cfg = TrainConfig(max_steps=0, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, device=device, amp=amp,
-                      channels_last=channels_last, progress=False, eval_every_epoch=False, log_every=50)
-    trainer = Trainer(model, CyclicBatches(batches, steps), None, cfg)
-
-    def run(n: int) -> None:
-        trainer.config.max_steps = trainer.step + n
-        trainer.fit()
-
-    return run
-
-
-def timed(fn: Callable[[int], None], n: int, device: torch.device) -> float:
-    """Seconds per step of fn(n), with the device drained before and after."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    fn(n)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - t0) / n
+        return (self.batches[i % len(self.batches)] for i in range(self.length))
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run the benchmark and write its JSON report; returns the report."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet20")
     ap.add_argument("--steps", type=int, default=30, help="steps per timed round")
@@ -115,35 +56,35 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--amp", action="store_true")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "engine_overhead.json")
+    ap.add_argument("--out", type=Path, default=H.HERE / "results" / "engine_overhead.json")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-
     device = resolve_device(args.device)
     amp = args.amp and device.type == "cuda"
-    g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(args.batch_size, 1, args.image_size, args.image_size, generator=g).to(device),
-                torch.randint(0, 10, (args.batch_size,), generator=g).to(device)) for _ in range(args.num_batches)]
-
+    batches = H.make_batches(args.num_batches, args.batch_size, device, args.image_size)
     torch.manual_seed(0)
-    model_t = create_model(args.model, num_classes=10, in_channels=1).to(device)
-    torch.manual_seed(0)
-    model_b = create_model(args.model, num_classes=10, in_channels=1).to(device)
-    if args.channels_last:
-        model_b.to(memory_format=torch.channels_last)
-    run_t = trainer_loop(model_t, batches, args.steps, str(device), amp, args.channels_last)
-    run_b = bare_loop(model_b, batches, amp, args.channels_last)
+    cfg = TrainConfig(max_steps=0, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, device=str(device), amp=amp,
+                      channels_last=args.channels_last, progress=False, eval_every_epoch=False, log_every=50)
+    trainer = Trainer(create_model(args.model, num_classes=10, in_channels=1).to(device),
+                      CyclicBatches(batches, args.steps), None, cfg)
+    bare = H.Stepper("plain", device, batches, amp, args.channels_last, model=args.model, lr=LR)
 
-    run_t(args.warmup)
-    run_b(args.warmup)
-    t_times, b_times = [], []
-    for r in range(args.repeats):
-        t_times.append(timed(run_t, args.steps, device))
-        b_times.append(timed(run_b, args.steps, device))
-        print(f"round {r + 1}/{args.repeats}: trainer {t_times[-1] * 1e3:.2f} ms/step, "
-              f"bare {b_times[-1] * 1e3:.2f} ms/step", flush=True)
+    def run_trainer(n: int) -> None:  # the Trainer continues for n more steps
+        trainer.config.max_steps = trainer.step + n
+        trainer.fit()
 
+    run = {"trainer": run_trainer, "bare": bare.run}
+    for f in run.values():
+        f(args.warmup)
+
+    def note(r: int, wall: dict, cpu: dict) -> None:
+        print(f"round {r + 1}/{args.repeats}: trainer {wall['trainer'][-1] * 1e3 / args.steps:.2f} ms/step, "
+              f"bare {wall['bare'][-1] * 1e3 / args.steps:.2f} ms/step", flush=True)
+
+    wall, _ = H.interleaved({k: lambda f=f: f(args.steps) for k, f in run.items()}, args.repeats,
+                            sync=H.sync_of(device), note=note)
+    t_times, b_times = ([t / args.steps for t in wall[k]] for k in run)
     t_med, b_med = statistics.median(t_times), statistics.median(b_times)
     ratio = t_med / b_med
     report = {

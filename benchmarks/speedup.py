@@ -1,29 +1,18 @@
 """Realised speedup: how much of a pruned network's MACs reduction shows up as forward time, per runtime.
 
-Dense vs pruned forward latency of two networks pruned with `regprune.prune` (L1, one shot):
-
-- torchvision ResNet-50, ratios `[0,0.6,0.6,0.6,0.21,0]` (the GReg paper's 2.31x setting), 224x224;
-- CIFAR ResNet-56, ratios `[0,0.75,0.75,0.32,0]` (2.55x), 32x32;
-
-each pruned twice, as given and with `round_to=8` (kept widths multiples of 8, which vectorised kernels
-like), at batch 1 and 64, under four CPU runtimes: eager PyTorch (NCHW), eager with channels_last,
-`torch.compile` (inductor; compile time recorded separately, never in the timings; a failure is recorded,
-not fatal) and ONNX Runtime (CPUExecutionProvider; the file is exported once, checked against PyTorch with
-`regprune.export.check_onnx`, then timed). The dense model and both pruned variants are timed interleaved in
-the same rounds (`regprune.report.measure_interleaved`: one torch.utils.benchmark blocked_autorange per model
-per round, order reversed every other round), so each ratio compares things measured together. Per row:
-dense and pruned median ± IQR (ms), realised speedup = dense / pruned, MACs speedup
-(`regprune.counting.count_macs`), realised / MACs, and the verdict of `regprune.report.latency_verdict`
-(unstable when the IQRs overlap, there are too few rounds, or the machine is busy).
-
-Goal: realised / MACs >= 0.9 on the best runtime at batch 64; the report says per network whether it is met,
-and if not which runtime comes closest.
-
-Writes benchmarks/results/speedup.json and speedup.md (`--cuda`: speedup_gpu.*; `--quick`: speedup_quick.*).
+torchvision ResNet-50 (`[0,0.6,0.6,0.6,0.21,0]`, 2.31x fewer MACs, 224x224) and CIFAR ResNet-56
+(`[0,0.75,0.75,0.32,0]`, 2.55x, 32x32), pruned by `regprune.prune` as given and with `round_to=8`, timed against
+the dense network interleaved in the same rounds (`regprune.report.measure_interleaved`) at batch 1 and 64 under
+eager, channels_last, `torch.compile` (compile time recorded apart) and ONNX Runtime (export checked with
+`regprune.export.check_onnx`); `--cuda`: eager fp32, channels_last + AMP and a CUDA graph. Per row: median ± IQR,
+realised and MACs speedup, their ratio and `regprune.report.latency_verdict`. Goal: realised / MACs >= 0.9 on the
+best runtime at batch 64.
 
     OMP_NUM_THREADS=2 python benchmarks/speedup.py           # 15-25 min on 2 shared CPU cores
     OMP_NUM_THREADS=2 python benchmarks/speedup.py --quick   # ResNet-56 + ResNet-50 at 64x64, batch 1 and 8
     python benchmarks/speedup.py --cuda                      # GPU: eager, channels_last + AMP, CUDA graph
+
+Writes benchmarks/results/speedup.{json,md} (`--cuda`: speedup_gpu.*; `--quick`: speedup_quick.*).
 """
 
 from __future__ import annotations
@@ -35,15 +24,12 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-# OpenMP threads that spin at every barrier wait for a thread the scheduler has given another job's core: on
-# the shared 2-core machine a 2-thread forward then takes ~70x longer (2.4 s instead of 35 ms for ResNet-50 at
-# 64x64), the same for dense and pruned, and every ratio tends to 1. Passive waiting removes that. It must be
-# set before the OpenMP runtime loads (before torch is imported); a policy given in the environment is kept.
-# Imported into a process that already loaded torch (a test), it changes nothing.
+# Spinning OpenMP threads wait for a thread the scheduler gave another job's core: on the shared 2-core machine a
+# 2-thread forward then took ~70x longer, dense and pruned alike. Passive waiting must be set before torch loads;
+# a policy given in the environment is kept.
 OMP_WAIT_POLICY_SET_HERE = "OMP_WAIT_POLICY" not in os.environ and "torch" not in sys.modules
 if OMP_WAIT_POLICY_SET_HERE:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
@@ -51,7 +37,7 @@ if OMP_WAIT_POLICY_SET_HERE:
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness as H  # noqa: E402  (puts the repository root on sys.path)
-from harness import hardware_info, log  # noqa: E402
+from harness import log  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -62,25 +48,10 @@ from regprune.errors import UserError  # noqa: E402
 from regprune.models import create_model  # noqa: E402
 from regprune.report import MIN_ROUNDS, format_table, layer_widths, measure_interleaved  # noqa: E402
 
-__all__ = ["main", "NETWORKS", "VARIANTS", "CPU_PATHS", "CUDA_PATHS", "GOAL"]
-
-HERE = Path(__file__).resolve().parent
-GOAL = 0.9  # realised / MACs speedup the best runtime should reach at batch 64
-GOAL_BATCH = 64
-
-
-@dataclass(frozen=True)
-class Net:
-    title: str
-    arch: str
-    kwargs: dict
-    ratios: str
-    size: int | None  # input side; None: --size
-
-
-NETWORKS = {
-    "resnet56": Net("CIFAR ResNet-56", "resnet56", {}, "[0,0.75,0.75,0.32,0]", 32),
-    "resnet50": Net("torchvision ResNet-50", "torchvision.resnet50", {"num_classes": 1000}, "[0,0.6,0.6,0.6,0.21,0]", None),
+GOAL, GOAL_BATCH = 0.9, 64  # realised / MACs speedup the best runtime should reach at batch 64
+NETWORKS = {  # key -> (title, registry name, kwargs, ratios, input side; None: --size)
+    "resnet56": ("CIFAR ResNet-56", "resnet56", {}, "[0,0.75,0.75,0.32,0]", 32),
+    "resnet50": ("torchvision ResNet-50", "torchvision.resnet50", {"num_classes": 1000}, "[0,0.6,0.6,0.6,0.21,0]", None),
 }
 VARIANTS = {"pruned": None, "pruned_r8": 8}  # name -> round_to
 CPU_PATHS = ("eager", "channels_last", "compile", "onnxruntime")
@@ -91,28 +62,25 @@ PATH_LABELS = {"eager": "eager", "channels_last": "channels_last", "compile": "t
 
 
 def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines() or [""]
-    return f"{type(exc).__name__}: {lines[0][:200]}"
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
 
 
-# ---------------------------------------------------------------------------------------------- models
-def build(net: Net, size: int) -> tuple[dict[str, nn.Module], dict[str, Any]]:
+def build(key: str, size: int) -> tuple[dict[str, nn.Module], dict[str, Any]]:
     """The dense network (seed 0) and its pruned variants, with MACs, params and widths."""
+    title, arch, kwargs, ratios, _ = NETWORKS[key]
     torch.manual_seed(0)
-    dense = create_model(net.arch, **net.kwargs).eval()
+    dense = create_model(arch, **kwargs).eval()
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     models = {"dense": dense}
-    info: dict[str, Any] = {"title": net.title, "arch": net.arch, "ratios": net.ratios, "input": [3, size, size],
+    info: dict[str, Any] = {"title": title, "arch": arch, "ratios": ratios, "input": [3, size, size],
                             "macs": {"dense": count_macs(dense, x)}, "params": {"dense": count_params(dense)},
                             "prune_s": {}, "round_to": dict(VARIANTS), "verification": {}}
     for name, rt in VARIANTS.items():
         t0 = time.perf_counter()
-        res = rp_prune(dense, x, ratios=net.ratios, round_to=rt)
+        res = rp_prune(dense, x, ratios=ratios, round_to=rt)
         info["prune_s"][name] = time.perf_counter() - t0
-        m = res.model.eval()
-        models[name] = m
-        info["macs"][name] = count_macs(m, x)
-        info["params"][name] = count_params(m)
+        m = models[name] = res.model.eval()
+        info["macs"][name], info["params"][name] = count_macs(m, x), count_params(m)
         info["verification"][name] = res.verification
         convs = {k: w for k, w in layer_widths(m).items() if isinstance(m.get_submodule(k), nn.Conv2d)}
         if rt:
@@ -123,118 +91,54 @@ def build(net: Net, size: int) -> tuple[dict[str, nn.Module], dict[str, Any]]:
     return models, info
 
 
-# ---------------------------------------------------------------------------------------------- timing
 def timed(fns: dict[str, Callable[[], Any]], args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
-    """Warm up each callable (timing its last warm-up call), choose the rounds, measure interleaved.
-
-    Rounds: as many as fit `measure_budget_s` (each round runs every callable about twice: blocked_autorange
-    estimates its block size with one call, then times a block), between --min-rounds and --rounds.
-    """
-    call_s = {}
-    for k, f in fns.items():
-        for _ in range(args.warmup):
-            t0 = time.perf_counter()
-            f()
-            call_s[k] = time.perf_counter() - t0
+    """Warm up each callable (timing its last warm-up call), then measure interleaved in as many rounds as fit
+    --measure-budget-s (a round calls each about twice), between --min-rounds and --rounds."""
+    call_s = {k: v[-1] for k, v in H.interleaved(fns, args.warmup)[0].items() if v}
     per_round = 2 * sum(max(v, args.min_run_time) for v in call_s.values())
     rounds = max(args.min_rounds, min(args.rounds, int(args.measure_budget_s / max(per_round, 1e-9))))
     comp = measure_interleaved(fns, rounds=rounds, warmup=0, min_run_time=args.min_run_time, baseline="dense")
     return comp, {"rounds": rounds, "warm_call_s": call_s}
 
 
-class Runtimes:
-    """Per network: prepares each runtime once (copies, compiled modules, ONNX sessions) and times a batch."""
+def cuda_graph(fn: Callable[[], Any]) -> Any:
+    """`fn` captured as a CUDA graph (warmed up on a side stream first, as torch.cuda.graphs asks)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
 
-    def __init__(self, models: dict[str, nn.Module], size: int, paths: tuple[str, ...], tmp: Path) -> None:
-        self.models, self.size, self.paths, self.tmp = models, size, paths, tmp
+
+class Runtimes:
+    """Per network: prepares each runtime once (copies, compiled modules, ONNX sessions); fns(path, x) gives
+    (name -> zero-argument forward, name -> error)."""
+
+    def __init__(self, models: dict[str, nn.Module], size: int, tmp: Path) -> None:
+        self.models, self.size, self.tmp = models, size, tmp
         self.notes: dict[str, Any] = {}
         self._cl: dict[str, nn.Module] | None = None
         self._compiled: dict[str, Any] | None = None
         self._sessions: dict[str, Any] | None = None
         self._graphs: dict[tuple[str, int], Any] = {}
 
-    # -- CPU
     def fns(self, path: str, x: torch.Tensor) -> tuple[dict[str, Callable[[], Any]], dict[str, str]]:
-        """(name -> zero-argument forward, name -> error) for `path` at input `x`."""
-        if path == "eager":
+        if path in ("eager", "cuda_eager"):
             return {k: (lambda m=m: m(x)) for k, m in self.models.items()}, {}
-        if path == "channels_last":
-            if self._cl is None:
-                self._cl = {k: copy.deepcopy(m).to(memory_format=torch.channels_last) for k, m in self.models.items()}
-            xc = x.contiguous(memory_format=torch.channels_last)
-            return {k: (lambda m=m: m(xc)) for k, m in self._cl.items()}, {}
         if path == "compile":
             return self._compile_fns(x)
         if path == "onnxruntime":
             return self._ort_fns(x)
-        raise ValueError(path)
-
-    def _compile_fns(self, x: torch.Tensor) -> tuple[dict[str, Callable[[], Any]], dict[str, str]]:
-        if self._compiled is None:
-            self._compiled = {k: torch.compile(m, backend="inductor", dynamic=False) for k, m in self.models.items()}
-            self.notes["compile"] = {"backend": "inductor", "dynamic": False, "input": "NCHW",
-                                     "compile_s": {}, "max_rel_diff_vs_eager": {}, "errors": {}}
-        note = self.notes["compile"]
-        b = str(x.shape[0])
-        fns, errors = {}, {}
-        for k, c in self._compiled.items():
-            if k in note["errors"]:  # failed at an earlier batch: do not spend the time again
-                errors[k] = note["errors"][k]
-                continue
-            t0 = time.perf_counter()
-            try:
-                out = c(x)  # the first call at this shape compiles (a new graph per batch size: dynamic=False)
-            except Exception as exc:  # noqa: BLE001  (any compiler failure is a result, not a crash)
-                errors[k] = note["errors"][k] = _first_line(exc)
-                log(f"    torch.compile of {k} failed: {errors[k]}")
-                continue
-            note["compile_s"].setdefault(k, {})[b] = time.perf_counter() - t0
-            ref = self.models[k](x)
-            note["max_rel_diff_vs_eager"].setdefault(k, {})[b] = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
-            fns[k] = lambda c=c: c(x)
-        return fns, errors
-
-    def _ort_fns(self, x: torch.Tensor) -> tuple[dict[str, Callable[[], Any]], dict[str, str]]:
-        from regprune.export import check_onnx, export_module, require_onnxruntime
-
-        if self._sessions is None:
-            self._sessions = {}
-            note = self.notes["onnxruntime"] = {"provider": "CPUExecutionProvider", "intra_op_threads": torch.get_num_threads(),
-                                                "export_s": {}, "check": {}, "errors": {}}
-            try:
-                ort = require_onnxruntime()
-            except UserError as exc:
-                note["errors"] = {k: str(exc) for k in self.models}
-                return {}, dict(note["errors"])
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = torch.get_num_threads()
-            opts.inter_op_num_threads = 1
-            if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":  # the same waiting as torch's threads
-                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                note["allow_spinning"] = False
-            x1 = torch.randn(1, 3, self.size, self.size, generator=torch.Generator().manual_seed(1))
-            for k, m in self.models.items():
-                path = self.tmp / f"{k}.onnx"
-                t0 = time.perf_counter()
-                try:
-                    export_module(copy.deepcopy(m).eval(), x1, path)  # dynamic batch axis: one file for every batch
-                    note["export_s"][k] = time.perf_counter() - t0
-                    note["check"][k] = check_onnx(path, m, (3, self.size, self.size), batch_sizes=(1, 2)).to_dict()
-                    self._sessions[k] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-                except Exception as exc:  # noqa: BLE001
-                    note["errors"][k] = _first_line(exc)
-                    log(f"    ONNX export/load of {k} failed: {note['errors'][k]}")
-        feed = x.detach().cpu().numpy()
-        fns = {k: (lambda s=s: s.run(None, {s.get_inputs()[0].name: feed})) for k, s in self._sessions.items()}
-        return fns, dict(self.notes["onnxruntime"]["errors"])
-
-    # -- CUDA
-    def cuda_fns(self, path: str, x: torch.Tensor) -> tuple[dict[str, Callable[[], Any]], dict[str, str]]:
-        if path == "cuda_eager":
-            return {k: (lambda m=m: m(x)) for k, m in self.models.items()}, {}
         if self._cl is None:
             self._cl = {k: copy.deepcopy(m).to(memory_format=torch.channels_last) for k, m in self.models.items()}
         xc = x.contiguous(memory_format=torch.channels_last)
+        if path == "channels_last":
+            return {k: (lambda m=m: m(xc)) for k, m in self._cl.items()}, {}
 
         def amp(m: nn.Module) -> Callable[[], Any]:
             def f() -> Any:
@@ -244,64 +148,116 @@ class Runtimes:
 
         if path == "cuda_channels_last_amp":
             return {k: amp(m) for k, m in self._cl.items()}, {}
-        if path == "cuda_graph":
-            fns, errors = {}, {}
-            for k, m in self._cl.items():
+        fns, errors = {}, {}  # cuda_graph
+        for k, m in self._cl.items():
+            try:
+                g = cuda_graph(amp(m))
+            except Exception as exc:  # noqa: BLE001
+                errors[k] = _first_line(exc)
+                continue
+            self._graphs[(k, x.shape[0])] = (g, xc)  # keep the graph and its static input alive
+            fns[k] = g.replay
+        return fns, errors
+
+    def _compile_fns(self, x: torch.Tensor) -> tuple[dict[str, Callable[[], Any]], dict[str, str]]:
+        if self._compiled is None:
+            self._compiled = {k: torch.compile(m, backend="inductor", dynamic=False) for k, m in self.models.items()}
+            self.notes["compile"] = {"backend": "inductor", "dynamic": False, "input": "NCHW",
+                                     "compile_s": {}, "max_rel_diff_vs_eager": {}, "errors": {}}
+        note, b = self.notes["compile"], str(x.shape[0])
+        fns, errors = {}, {}
+        for k, c in self._compiled.items():
+            if k in note["errors"]:  # failed at an earlier batch: do not spend the time again
+                errors[k] = note["errors"][k]
+                continue
+            t0 = time.perf_counter()
+            try:
+                out = c(x)  # the first call at this shape compiles (static shapes: a graph per batch size)
+            except Exception as exc:  # noqa: BLE001  (a compiler failure is a result, not a crash)
+                errors[k] = note["errors"][k] = _first_line(exc)
+                log(f"    torch.compile of {k} failed: {errors[k]}")
+                continue
+            note["compile_s"].setdefault(k, {})[b] = time.perf_counter() - t0
+            ref = self.models[k](x)
+            note["max_rel_diff_vs_eager"].setdefault(k, {})[b] = float(
+                (out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+            fns[k] = lambda c=c: c(x)
+        return fns, errors
+
+    def _ort_fns(self, x: torch.Tensor) -> tuple[dict[str, Callable[[], Any]], dict[str, str]]:
+        from regprune.export import check_onnx, export_module, require_onnxruntime
+
+        if self._sessions is None:
+            self._sessions = {}
+            note = self.notes["onnxruntime"] = {"provider": "CPUExecutionProvider",
+                                                "intra_op_threads": torch.get_num_threads(), "export_s": {},
+                                                "check": {}, "errors": {}}
+            try:
+                ort = require_onnxruntime()
+            except UserError as exc:
+                note["errors"] = {k: str(exc) for k in self.models}
+                return {}, dict(note["errors"])
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads, opts.inter_op_num_threads = torch.get_num_threads(), 1
+            if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":  # the same waiting as torch's threads
+                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                note["allow_spinning"] = False
+            x1 = torch.randn(1, 3, self.size, self.size, generator=torch.Generator().manual_seed(1))
+            for k, m in self.models.items():
+                f = self.tmp / f"{k}.onnx"
+                t0 = time.perf_counter()
                 try:
-                    g = H.cuda_graph(amp(m))
+                    export_module(copy.deepcopy(m).eval(), x1, f)  # dynamic batch axis: one file for every batch
+                    note["export_s"][k] = time.perf_counter() - t0
+                    note["check"][k] = check_onnx(f, m, (3, self.size, self.size), batch_sizes=(1, 2)).to_dict()
+                    self._sessions[k] = ort.InferenceSession(str(f), opts, providers=["CPUExecutionProvider"])
                 except Exception as exc:  # noqa: BLE001
-                    errors[k] = _first_line(exc)
-                    continue
-                self._graphs[(k, x.shape[0])] = (g, xc)  # keep the graph and its static input alive
-                fns[k] = g.replay
-            return fns, errors
-        raise ValueError(path)
+                    note["errors"][k] = _first_line(exc)
+                    log(f"    ONNX export/load of {k} failed: {note['errors'][k]}")
+        feed = x.detach().cpu().numpy()
+        fns = {k: (lambda s=s: s.run(None, {s.get_inputs()[0].name: feed})) for k, s in self._sessions.items()}
+        return fns, dict(self.notes["onnxruntime"]["errors"])
 
 
 def measure_network(key: str, size: int, args: argparse.Namespace, device: torch.device,
                     paths: tuple[str, ...]) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
     """Every (batch, path) of one network: its info, the table rows, the raw measurements."""
-    net = NETWORKS[key]
-    log(f"{net.title}: building and pruning at {size}x{size}")
-    models, info = build(net, size)
+    log(f"{NETWORKS[key][0]}: building and pruning at {size}x{size}")
+    models, info = build(key, size)
     log("  MACs speedup " + ", ".join(f"{k} {v:.3f}x" for k, v in info["macs_speedup"].items()))
     for m in models.values():
         m.to(device)
     rows, raw = [], []
     with tempfile.TemporaryDirectory(prefix="regprune-speedup-") as tmp, torch.no_grad():
-        rt = Runtimes(models, size, paths, Path(tmp))
+        rt = Runtimes(models, size, Path(tmp))
         for b in args.batches:
             x = torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(b)).to(device)
             for path in paths:
                 log(f"  batch {b}, {PATH_LABELS[path]}")
-                fns, errors = rt.cuda_fns(path, x) if device.type == "cuda" else rt.fns(path, x)
+                fns, errors = rt.fns(path, x)
                 if "dense" not in fns:
                     errors.setdefault("dense", "not measured")
-                    fns = {}
-                comp, meta = (None, {})
-                if fns:
+                comp, meta = None, {}
+                if "dense" in fns:
                     try:
                         comp, meta = timed(fns, args)
                     except Exception as exc:  # noqa: BLE001  (a runtime that fails while running: record it)
                         errors = {k: _first_line(exc) for k in fns} | errors
-                        comp = None
                 raw.append({"network": key, "batch": b, "path": path, **meta, "errors": errors,
                             "comparison": comp.to_dict() if comp is not None else None})
-                for v in VARIANTS:
+                for v, ms in info["macs_speedup"].items():
                     row = {"network": key, "variant": v, "round_to": VARIANTS[v], "batch": b, "path": path,
-                           "macs_speedup": info["macs_speedup"][v]}
+                           "macs_speedup": ms}
                     if comp is None or v not in comp.verdicts:
                         row["error"] = errors.get(v) or errors.get("dense") or "not measured"
                     else:
                         d, p, verdict = comp.stats["dense"], comp.stats[v], comp.verdicts[v]
                         row.update(dense_ms=d.median_ms, dense_iqr_ms=d.iqr_ms, pruned_ms=p.median_ms,
                                    pruned_iqr_ms=p.iqr_ms, realised_speedup=verdict.speedup,
-                                   realised_over_macs=verdict.speedup / info["macs_speedup"][v],
-                                   stable=verdict.stable, reason=verdict.reason, rounds=len(p.samples_ms),
-                                   load=comp.load)
+                                   realised_over_macs=verdict.speedup / ms, stable=verdict.stable,
+                                   reason=verdict.reason, rounds=len(p.samples_ms), load=comp.load)
                         log(f"    {v}: dense {d.text(2)} ms, pruned {p.text(2)} ms, realised {verdict.speedup:.2f}x "
-                            f"/ MACs {info['macs_speedup'][v]:.2f}x = {row['realised_over_macs']:.2f}"
-                            + ("" if verdict.stable else " (unstable)"))
+                            f"/ MACs {ms:.2f}x = {row['realised_over_macs']:.2f}" + ("" if verdict.stable else " (unstable)"))
                     rows.append(row)
         info["runtimes"] = rt.notes
         if "compile" in paths:
@@ -311,13 +267,12 @@ def measure_network(key: str, size: int, args: argparse.Namespace, device: torch
     return info, rows, raw
 
 
-# ---------------------------------------------------------------------------------------------- goal
 def goal_lines(rows: list[dict[str, Any]], networks: dict[str, Any], batch: int) -> tuple[list[str], list[dict[str, Any]]]:
     """Per network and variant: the runtime with the best realised / MACs at `batch`, and whether it meets GOAL."""
     lines, out = [], []
     for key, info in networks.items():
         for v in VARIANTS:
-            cands = [r for r in rows if r["network"] == key and r["variant"] == v and r["batch"] == batch and "error" not in r]
+            cands = [r for r in rows if (r["network"], r["variant"], r["batch"]) == (key, v, batch) and "error" not in r]
             name = f"{info['title']}, {v} ({info['macs_speedup'][v]:.2f}x fewer MACs)"
             if not cands:
                 lines.append(f"- {name}: nothing measured at batch {batch}.")
@@ -325,41 +280,35 @@ def goal_lines(rows: list[dict[str, Any]], networks: dict[str, Any], batch: int)
                 continue
             best = max(cands, key=lambda r: r["realised_over_macs"])
             eff, label = best["realised_over_macs"], PATH_LABELS[best["path"]]
-            rec = {"network": key, "variant": v, "batch": batch, "best_path": best["path"],
-                   "realised_over_macs": eff, "realised_speedup": best["realised_speedup"], "stable": best["stable"],
-                   "met": eff >= GOAL}
-            out.append(rec)
+            out.append({"network": key, "variant": v, "batch": batch, "best_path": best["path"],
+                        "realised_over_macs": eff, "realised_speedup": best["realised_speedup"],
+                        "stable": best["stable"], "met": eff >= GOAL})
             tail = "" if best["stable"] else (" The measurement was unstable (" + _short(best["reason"]) +
                                                "), so this figure is not a settled result.")
-            if eff >= GOAL:
-                lines.append(f"- {name}: met by {label}: realised {best['realised_speedup']:.2f}x, "
-                             f"{eff:.2f} of the MACs speedup.{tail}")
-            else:
-                lines.append(f"- {name}: the goal is not met. The closest is {label}: realised "
-                             f"{best['realised_speedup']:.2f}x, {eff:.2f} of the MACs speedup.{tail}")
+            lines.append(f"- {name}: " + (f"met by {label}: realised " if eff >= GOAL else
+                                          f"the goal is not met. The closest is {label}: realised ")
+                         + f"{best['realised_speedup']:.2f}x, {eff:.2f} of the MACs speedup.{tail}")
     return lines, out
 
 
 def _short(reason: str) -> str:
-    """The verdict's reasons, without the figures: 'machine busy; IQRs overlap'."""
+    """The verdict's reasons without the figures: 'load 7.4 on 2 CPUs; IQRs overlap'."""
     parts = []
-    for r in reason.split("; "):
+    for r in filter(None, reason.split("; ")):
         if r.startswith("machine busy"):
-            parts.append(r.split(":", 1)[1].strip() if ":" in r else "machine busy")
+            r = r.split(":", 1)[1].strip() if ":" in r else "machine busy"
         elif r.startswith("interquartile"):
-            parts.append("IQRs overlap")
+            r = "IQRs overlap"
         elif r.startswith("only"):
-            parts.append(r.split(",")[0])
-        elif r:
-            parts.append(r)
+            r = r.split(",")[0]
+        parts.append(r)
     return "; ".join(parts)
 
 
-# ---------------------------------------------------------------------------------------------- report
 def markdown(res: dict[str, Any]) -> str:
     hw, s, ld, th = res["hardware"], res["settings"], res["load"], res["threads"]
-    cuda = s["cuda"]
-    lines = [f"# Realised speedup of pruned networks, {'GPU' if cuda else 'CPU'} ({'quick' if s['quick'] else 'full'} run)", "",
+    lines = [f"# Realised speedup of pruned networks, {'GPU' if s['cuda'] else 'CPU'} "
+             f"({'quick' if s['quick'] else 'full'} run)", "",
              f"Measured {res['date']} on {(hw['gpu'] + ' with ') if hw.get('gpu') else ''}{hw.get('processor')} "
              f"({hw.get('cpus_usable')} usable cores), torch {hw.get('torch')}, {th['torch']} torch "
              f"thread(s) (OMP_NUM_THREADS={th['OMP_NUM_THREADS']}, OMP_WAIT_POLICY={th['OMP_WAIT_POLICY']}"
@@ -382,13 +331,12 @@ def markdown(res: dict[str, Any]) -> str:
         lines += [f"(The goal is defined at batch {GOAL_BATCH}; this run's largest batch is {gb}.)", ""]
     lines += res["goal"]["lines"] + [""]
     for key, info in res["networks"].items():
-        ms = info["macs_speedup"]
+        ms, p = info["macs_speedup"], info["params"]
         lines += [f"## {info['title']}, {'x'.join(map(str, info['input'][1:]))}, ratios `{info['ratios']}`", "",
-                  f"`pruned`: {ms['pruned']:.2f}x fewer MACs, {info['params']['dense'] / info['params']['pruned']:.2f}x "
-                  f"fewer parameters. `pruned_r8` (`round_to=8`): {ms['pruned_r8']:.2f}x fewer MACs, "
-                  f"{info['params']['dense'] / info['params']['pruned_r8']:.2f}x fewer parameters"
-                  + ("" if info.get("conv_widths_multiple_of", {}).get("pruned_r8", {}).get("all", True)
-                     else " (not every conv width is a multiple of 8: see the JSON)") + ".", ""]
+                  f"`pruned`: {ms['pruned']:.2f}x fewer MACs, {p['dense'] / p['pruned']:.2f}x fewer parameters. "
+                  f"`pruned_r8` (`round_to=8`): {ms['pruned_r8']:.2f}x fewer MACs, {p['dense'] / p['pruned_r8']:.2f}x "
+                  "fewer parameters" + ("" if info.get("conv_widths_multiple_of", {}).get("pruned_r8", {}).get("all", True)
+                                        else " (not every conv width is a multiple of 8: see the JSON)") + ".", ""]
         rows = []
         for r in (r for r in res["rows"] if r["network"] == key):
             row = {"batch": r["batch"], "runtime": PATH_LABELS[r["path"]], "model": r["variant"]}
@@ -403,30 +351,27 @@ def markdown(res: dict[str, Any]) -> str:
             rows.append(row)
         lines += [format_table(rows, ["batch", "runtime", "model", "dense ms", "pruned ms", "realised", "MACs",
                                       "realised/MACs", "rounds", "verdict"]), ""]
-        notes = info.get("runtimes", {})
-        c = notes.get("compile")
+        c, o = info.get("runtimes", {}).get("compile"), info.get("runtimes", {}).get("onnxruntime")
+        fails = lambda d: " Failures: " + "; ".join(f"{k}: {e}" for k, e in d["errors"].items()) + "." if d["errors"] else ""  # noqa: E731
         if c:
             parts = [f"{k} " + ", ".join(f"batch {b}: {t:.0f} s" for b, t in v.items()) for k, v in c["compile_s"].items()]
+            diff = max((d for v in c["max_rel_diff_vs_eager"].values() for d in v.values()), default=float("nan"))
             lines += [f"torch.compile (inductor, static shapes, NCHW input): compile time per model and batch, not "
-                      f"in any timing: {'; '.join(parts) or 'none'}."
-                      + (" Failures: " + "; ".join(f"{k}: {e}" for k, e in c["errors"].items()) + "." if c["errors"] else "")
-                      + " Largest |compiled - eager| output difference, relative to max |eager output|: "
-                      f"{max((d for v in c['max_rel_diff_vs_eager'].values() for d in v.values()), default=float('nan')):.1e}.", ""]
-        o = notes.get("onnxruntime")
+                      f"in any timing: {'; '.join(parts) or 'none'}." + fails(c)
+                      + f" Largest |compiled - eager| output difference, relative to max |eager output|: {diff:.1e}.", ""]
         if o:
             chk = o["check"]
-            lines += [f"ONNX Runtime ({o['provider']}, {o['intra_op_threads']} intra-op thread(s)): each model exported once "
-                      f"(opset 17, dynamic batch), export not timed; check against PyTorch "
+            lines += [f"ONNX Runtime ({o['provider']}, {o['intra_op_threads']} intra-op thread(s)): each model exported "
+                      "once (opset 17, dynamic batch), export not timed; check against PyTorch "
                       + ("passed" if chk and all(v["passed"] for v in chk.values()) else "FAILED or missing")
                       + (f" (largest relative difference {max(v['max_rel_diff'] for v in chk.values()):.1e})" if chk else "")
-                      + "." + (" Failures: " + "; ".join(f"{k}: {e}" for k, e in o["errors"].items()) + "." if o["errors"] else ""), ""]
-    if not cuda:
+                      + "." + fails(o), ""]
+    if not s["cuda"]:
         lines += ["GPU: not measured in this run (`--cuda` measures eager, channels_last + AMP and CUDA graphs "
                   "on a CUDA device).", ""]
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
@@ -444,24 +389,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "when a forward is slow (default 60; quick 4)")
     ap.add_argument("--warmup", type=int, help="untimed calls per model first (default 2; quick 1)")
     ap.add_argument("--min-run-time", type=float, help="blocked_autorange seconds per sample (default 0.05; quick 0.01)")
-    ap.add_argument("--out-dir", type=Path, default=HERE / "results")
+    ap.add_argument("--out-dir", type=Path, default=H.HERE / "results")
     ap.add_argument("--name", help="output file stem (default speedup; --cuda: speedup_gpu; --quick: speedup_quick)")
     args = ap.parse_args(argv)
-    q = args.quick
     for name, full, quick in (("size", 224, 64), ("batches", [1, 64], [1, 8]), ("rounds", 15, 5),
                               ("min_rounds", MIN_ROUNDS, 3), ("measure_budget_s", 60.0, 4.0), ("warmup", 2, 1),
                               ("min_run_time", 0.05, 0.01)):
         if getattr(args, name) is None:
-            setattr(args, name, quick if q else full)
+            setattr(args, name, quick if args.quick else full)
     args.networks = args.networks or list(NETWORKS)
     args.paths = tuple(p for p in CPU_PATHS if p in (args.paths or CPU_PATHS))
     if args.threads is None:
-        try:
-            args.threads = int(os.environ.get("OMP_NUM_THREADS", "2"))
-        except ValueError:
-            args.threads = 2
+        env = os.environ.get("OMP_NUM_THREADS", "2")
+        args.threads = int(env) if env.isdigit() else 2
     if args.name is None:
-        args.name = "speedup" + ("_quick" if q else "") + ("_gpu" if args.cuda else "")
+        args.name = "speedup" + ("_quick" if args.quick else "") + ("_gpu" if args.cuda else "")
     if args.threads < 1 or args.size < 8 or min(args.batches) < 1 or args.rounds < 1 or args.min_rounds < 1:
         raise UserError("--threads, --batches, --rounds and --min-rounds must be >= 1 and --size >= 8")
     args.min_rounds = min(args.min_rounds, args.rounds)
@@ -476,9 +418,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     device = torch.device("cuda" if args.cuda else "cpu")
     paths = CUDA_PATHS if args.cuda else args.paths
-    load_before = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    loadavg = lambda: [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None  # noqa: E731
+    load_before = loadavg()
     res: dict[str, Any] = {"benchmark": "speedup", "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                           "hardware": hardware_info(device.type),
+                           "hardware": H.hardware_info(device.type),
                            "threads": {"torch": torch.get_num_threads(), "torch_interop": torch.get_num_interop_threads(),
                                        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
                                        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
@@ -488,12 +431,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log(f"threads {args.threads}, load average {load_before}, runtimes {', '.join(paths)}, batches {args.batches}")
     networks, rows, raw = {}, [], []
     for key in args.networks:
-        size = NETWORKS[key].size or args.size
-        info, r, m = measure_network(key, size, args, device, paths)
+        info, r, m = measure_network(key, NETWORKS[key][4] or args.size, args, device, paths)
         networks[key], rows, raw = info, rows + r, raw + m
-    load_after = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
     measured = [r["load"] for r in rows if r.get("load") is not None]
-    res["load"] = {"before": load_before, "after": load_after, "cpus": os.cpu_count(),
+    res["load"] = {"before": load_before, "after": loadavg(), "cpus": os.cpu_count(),
                    "max_measured": max(measured) if measured else float("nan")}
     res["networks"], res["rows"], res["measurements"] = networks, rows, raw
     gb = GOAL_BATCH if GOAL_BATCH in args.batches else max(args.batches)

@@ -1,33 +1,18 @@
 """Pruning from scratch (SPM) with and without its nuclear-norm loss, against L1 pruning, at one MACs target.
 
-Three variants reach the same MACs budget (default: keep 41% of dense MACs, the paper's ResNet-50 point) on
-Fashion-MNIST, each with several seeds, all through regprune's own code paths:
-
-  spm         `regprune scratch` with its defaults: gates from random init (placed after the activations, as
-              the official code), nuclear-norm + MACs losses, gates frozen at S_max (65/90 of the epochs), the
-              library's budget snap (see --snap), exact reconfiguration
-  spm_no_nuc  the same with alpha_nuc = 0 (MACs loss only): what the nuclear-norm term adds
-  l1          a dense model trained from the same init for --epochs, pruned by L1 norm to the same MACs
-              (`regprune prune --method l1 --target-macs`), then fine-tuned for --ft-epochs; the scratch runs
-              train for --epochs + --ft-epochs, so every row gets the same total epochs
-
-Seed k fixes the initial weights and the data order of every variant (the L1 base and both SPM runs start from
-the same weights), so per-seed differences are paired. Results: benchmarks/results/spm_ablation_<scale>.{md,json,png}.
-The skeleton (presets, seeds, job pool, resume, time budget, summary) is benchmarks/harness.py: one job per
-variant and seed (the l1 job trains its dense base first; that base is reported as the `dense` row).
+Variants, each over several seeds, all through regprune's own jobs, at the same kept MACs fraction (default 0.41):
+`spm` (`regprune scratch` with its defaults and the library's budget snap at S_max, `--no-snap` turns it off),
+`spm_no_nuc` (the same with alpha_nuc = 0) and `l1` (a dense model trained for --epochs, pruned by L1 to the same
+MACs, fine-tuned for --ft-epochs; the scratch runs train --epochs + --ft-epochs, so every row gets the same total).
+Seed k fixes the initial weights and data order of every variant, so per-seed differences are paired; the l1 job
+trains its dense base first, reported as the `dense` row.
 
     python benchmarks/spm_ablation.py --scale smoke              # seconds; what the test runs
     nice -n 10 python benchmarks/spm_ablation.py --scale cpu     # ResNet-20, ~20 min on 2 quiet CPU cores
     python benchmarks/spm_ablation.py --scale gpu --jobs 9       # ResNet-56, all data, --device cuda --amp
     python benchmarks/spm_ablation.py --scale gpu --dry-run      # print the plan only
 
-The cpu scale's default subset (2,000 / 1,000 images) is sized for a quiet machine; on a shared one pass e.g.
-`--limit-train 1000 --limit-test 500` (the plan prints an estimate from measured throughput before training).
-A second run with the same work dir reuses every finished job (`--fresh` starts over).
-
-The SPM variants run `regprune scratch` itself, with its budget snap at S_max turned on (`--no-snap` turns it
-off) so that every variant meets the same MACs budget; each SPM row records where the search alone ended and
-which share of the MACs cut the search and the snap did (`search_macs_fraction`, `cut_shares`, `snap`).
+Writes benchmarks/results/spm_ablation_<scale>.{md,json,png}.
 """
 
 from __future__ import annotations
@@ -35,7 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,16 +31,14 @@ from harness import fmt_pm  # noqa: E402
 
 import torch  # noqa: E402
 
+from regprune import engine as E  # noqa: E402
 from regprune.errors import UserError  # noqa: E402
 from regprune.models import create_model  # noqa: E402
 from regprune.pipeline import JobOptions, RunDir, prune_job, prune_plan, train_job  # noqa: E402
 from regprune.scratch import scratch_dry_run, scratch_job, spm_settings  # noqa: E402
 
-__all__ = ["main", "Settings", "SCALES", "VARIANTS", "LABELS", "COMPARISONS", "summarize", "markdown", "BENCH"]
-
 DATA = "fashion-mnist"
 FASHION_TRAIN, FASHION_TEST = 60000, 10000
-INPUT_SHAPE = (1, 28, 28)
 VARIANTS = ("spm", "spm_no_nuc", "l1")
 LABELS = {
     "spm": "SPM: nuclear + MACs losses (`regprune scratch` defaults)",
@@ -66,7 +49,6 @@ LABELS = {
 COMPARISONS = (("spm", "spm_no_nuc"), ("spm", "l1"), ("spm_no_nuc", "l1"))
 
 
-# ---------------------------------------------------------------------------------------------- settings
 @dataclass
 class Settings(H.BaseSettings):
     model: str = "resnet20"
@@ -75,23 +57,20 @@ class Settings(H.BaseSettings):
     lr: float = 0.05
     lr_schedule: str = "cosine"
     warmup_epochs: float = 0.0
-    ft_epochs: float = 1        # L1's fine-tuning after removal (extra epochs, stated in the output)
+    ft_epochs: float = 1        # L1's fine-tuning after removal
     ft_lr: float = 0.01
     ft_schedule: str = "cosine"
-    search_epochs: float | None = None  # None: `regprune scratch`'s default, floor(epochs * 65 / 90)
+    search_epochs: float | None = None  # None: `regprune scratch`'s default, 65/90 of the epochs
     alpha_nuc: float | None = None      # variant spm's nuclear weight; None: the library default
     snap: bool = True           # the library's budget snap at S_max, so every variant meets the same MACs budget
-    threads: int = 0            # torch CPU threads; 0: measure 1 vs all and take the faster
+    threads: int = 0
     methods: list[str] = field(default_factory=lambda: list(VARIANTS))
 
 
 SCALES: dict[str, Settings] = {
-    # seconds of training; most of a smoke run is the jobs' fixed work (data loading, graph tracing, latency)
     "smoke": Settings(scale="smoke", seeds=2, batch_size=32, epochs=2, lr=0.05, ft_epochs=1, limit_train=128,
                       limit_test=64, threads=1),
-    # sized for ~20 minutes on 2 quiet CPU cores (~250 training img/s): 3 seeds x (2 scratch runs + 1 base) x 10
-    # epochs + 3 x 3 fine-tuning epochs = 99 passes over 2,000 images, plus a 1,000-image test pass per epoch.
-    # Batch 32 gives the gates ~440 search steps (the library's small-network settings were tuned on ~400).
+    # ~20 minutes on 2 quiet CPU cores; batch 32 gives the gates ~440 search steps
     "cpu": Settings(scale="cpu", seeds=3, batch_size=32, epochs=10, lr=0.05, ft_epochs=3, limit_train=2000,
                     limit_test=1000),
     # the paper's 90-epoch schedule with the gates frozen at epoch 65; L1 fine-tunes for a third of that
@@ -111,21 +90,15 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--snap", action=argparse.BooleanOptionalAction, default=None,
                     help="the library's budget snap at S_max for the SPM variants (default on: every variant at the "
                          "same MACs; --no-snap shows where the search alone ends)")
-    ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None)
-    ap.add_argument("--workers", type=int)
 
 
-def check(s: Settings) -> None:
+def jobs(s: Settings) -> list[dict[str, Any]]:
     if not 0.0 < s.target_macs < 1.0:
         raise UserError(f"--target-macs {s.target_macs:g}: expected a kept fraction in (0, 1)")
     if s.epochs <= 0 or s.ft_epochs < 0:
         raise UserError("--epochs must be > 0 and --ft-epochs >= 0")
     for v in VARIANTS[:2]:
-        spm_settings(1, s.epochs + s.ft_epochs, spm_extra(s, v))  # raises the library's own message for a bad search length
-
-
-def jobs(s: Settings) -> list[dict[str, Any]]:
-    check(s)
+        spm_settings(1, s.epochs + s.ft_epochs, spm_extra(s, v))  # the library's own message for a bad search length
     return [{"variant": v, "seed": k} for k in range(s.seeds) for v in s.methods]
 
 
@@ -134,50 +107,33 @@ def spm_extra(s: Settings, variant: str) -> dict[str, Any]:
     extra: dict[str, Any] = {"exact_budget": s.snap}
     if s.search_epochs is not None:
         extra["search_epochs"] = s.search_epochs
-    if variant == "spm_no_nuc":
-        extra["alpha_nuc"] = 0.0
-    elif s.alpha_nuc is not None:
-        extra["alpha_nuc"] = s.alpha_nuc
+    if variant == "spm_no_nuc" or s.alpha_nuc is not None:
+        extra["alpha_nuc"] = 0.0 if variant == "spm_no_nuc" else s.alpha_nuc
     return extra
 
 
 def job_options(s: Settings, seed: int, **kw: Any) -> JobOptions:
-    base = dict(model=s.model, data=DATA, seed=seed, batch_size=s.batch_size, workers=s.workers, device=s.device,
-                amp=s.amp, progress=False, limit_train=s.limit_train, limit_test=s.limit_test, epochs=s.epochs,
-                lr=s.lr, lr_schedule=s.lr_schedule, warmup_epochs=s.warmup_epochs, weight_decay=s.weight_decay,
-                momentum=s.momentum, target_macs=s.target_macs)
-    base.update(kw)
-    return JobOptions(**base)
+    flat = dict(model=s.model, data=DATA, seed=seed, batch_size=s.batch_size, workers=s.workers, device=s.device,
+                amp=s.amp, progress=False, limit_train=s.limit_train, limit_test=s.limit_test, epochs=s.epochs, lr=s.lr,
+                lr_schedule=s.lr_schedule, warmup_epochs=s.warmup_epochs, weight_decay=s.weight_decay,
+                momentum=s.momentum, target_macs=s.target_macs) | kw
+    return JobOptions.from_dict(flat)  # flat names, as on the command line
 
 
 def epochs_of(s: Settings, variant: str) -> dict[str, float]:
-    """Training epochs each variant gets (over the same training images)."""
     if variant == "l1":
         return {"base": s.epochs, "finetune": s.ft_epochs, "total": s.epochs + s.ft_epochs}
-    return {"scratch": s.epochs + s.ft_epochs, "total": s.epochs + s.ft_epochs}  # the same total as L1's row
+    return {"scratch": s.epochs + s.ft_epochs, "total": s.epochs + s.ft_epochs}
 
 
-# ---------------------------------------------------------------------------------------------- planning
 def _fresh(model: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return create_model(model, num_classes=10, in_channels=INPUT_SHAPE[0])
-
-
-def gated_train_throughput(s: Settings, steps: int = 3) -> float:
-    """Images per second of SGD steps on the gated model with both SPM losses (the search's step), random data."""
-    from regprune.methods.spm import SPMRegularizer
-
-    model = _fresh(s.model)
-    reg = SPMRegularizer.attach(model, torch.zeros(1, *INPUT_SHAPE), s.target_macs,
-                                **{k: v for k, v in spm_settings(int(1e6), s.epochs, {}).items()
-                                   if k in ("alpha_nuc", "alpha_mac", "mac_norm")})
-    return H.train_throughput(model, s.batch_size, INPUT_SHAPE, steps=steps, extra_loss=reg.extra_loss,
-                                     on_step_end=reg.on_step_end)
+    return create_model(model, num_classes=10, in_channels=1)
 
 
 def l1_plan(s: Settings) -> dict[str, Any]:
     """The ratios regprune's solver picks for L1 at the MACs target (no data needed)."""
-    _, plan = prune_plan(job_options(s, 0, method="l1"), _fresh(s.model), torch.zeros(1, *INPUT_SHAPE))
+    _, plan = prune_plan(job_options(s, 0, method="l1"), _fresh(s.model), torch.zeros(1, *H.INPUT_SHAPE))
     return {"ratios": plan.ratios, "removal": plan.removal, "macs_fraction": plan.pruned_macs / plan.dense_macs}
 
 
@@ -197,8 +153,8 @@ def estimate(s: Settings, args: argparse.Namespace) -> dict[str, Any]:
     print(f"  --- l1: ratios for {100 * s.target_macs:.1f}% of dense MACs (plan reaches "
           f"{100 * lp['macs_fraction']:.2f}%): {lp['ratios']}", flush=True)
     if str(s.device).startswith("cpu"):
-        tp = H.throughput(lambda: _fresh(s.model), s.batch_size, INPUT_SHAPE)
-        tp["gated_train_img_s"] = gated_train_throughput(s)
+        tp = H.throughput(lambda: _fresh(s.model), s.batch_size)
+        tp["gated_train_img_s"] = H.img_per_s(_fresh(s.model), s.batch_size, variant="spm")  # the search's step
         n_train, n_test = s.limit_train or FASHION_TRAIN, s.limit_test or FASHION_TEST
         train = (2 * (s.epochs + s.ft_epochs) * n_train / tp["gated_train_img_s"]  # the two scratch runs
                  + (s.epochs + s.ft_epochs) * n_train / tp["train_img_s"])  # dense base; pruned fine-tuning as dense
@@ -210,13 +166,8 @@ def estimate(s: Settings, args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- running
-def prepare(s: Settings, work: Path) -> dict[str, Any]:
-    return {"work": work}
-
-
 def run_one(s: Settings, ctx: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
-    """One variant at one seed in <work>/seed<k>/<variant>; the l1 job first trains its dense base (returned in
-    the row's `dense`, reported as a row of its own)."""
+    """One variant at one seed in <work>/seed<k>/<variant>; the l1 job first trains its dense base (in `dense`)."""
     v, seed, path = job["variant"], job["seed"], ctx["work"] / f"seed{job['seed']}"
     if v == "l1":
         dense = run_dense(s, seed, path / "dense")
@@ -224,16 +175,31 @@ def run_one(s: Settings, ctx: dict[str, Any], job: dict[str, Any]) -> dict[str, 
     return run_spm(s, v, seed, path / v)
 
 
-def _spm_trajectory(run_path: Path) -> list[dict[str, Any]]:
-    return [{"epoch": r["epoch"], "macs_fraction": r["macs_fraction"], "frozen": r.get("frozen"),
-             "kept": r.get("kept")} for r in H.metrics(run_path) if r.get("kind") == "spm"]
+def _metrics(run: Path, kind: str, phase: str | None = None) -> list[dict[str, Any]]:
+    return [r for r in E.read_metrics(Path(run) / E.METRICS_FILE)
+            if r.get("kind") == kind and (phase is None or r.get("phase") == phase)]
+
+
+def epoch_curve(run: Path, phase: str) -> list[dict[str, float]]:
+    return [{"epoch": r["epoch"], "test_top1": r["test_top1"], "train_loss": r.get("loss")}
+            for r in _metrics(run, "epoch", phase) if "test_top1" in r]
+
+
+def plateau(curve: list[dict[str, float]], tail: int = 3, tol: float = 0.3) -> dict[str, Any]:
+    """Had test accuracy stopped rising? Best of the last `tail` epochs against the best before them."""
+    accs = [c["test_top1"] for c in curve]
+    if len(accs) <= tail:
+        return {"plateaued": False, "reason": f"only {len(accs)} epochs", "gain_last_epochs": None,
+                "tail_epochs": tail, "tolerance": tol}
+    gain = max(accs[-tail:]) - max(accs[:-tail])
+    return {"plateaued": gain <= tol, "gain_last_epochs": round(gain, 3), "tail_epochs": tail, "tolerance": tol}
 
 
 def spm_groups(s: Settings) -> dict[str, dict[str, Any]]:
-    """Channels of every gated group of the model, and whether it is shared across a residual stream (SPM)."""
+    """Channels of every gated group, and whether it is shared across a residual stream (SPM)."""
     from regprune.methods.spm import insert_gates
 
-    gates = insert_gates(_fresh(s.model), torch.zeros(1, *INPUT_SHAPE))
+    gates = insert_gates(_fresh(s.model), torch.zeros(1, *H.INPUT_SHAPE))
     return {r: {"channels": gates.groups[r].channels, "shared": bool(gates.groups[r].coupled)} for r in gates.roots}
 
 
@@ -245,23 +211,24 @@ def _sizes(dense_row: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
 def run_spm(s: Settings, variant: str, seed: int, path: Path) -> dict[str, Any]:
     o = job_options(s, seed, out=str(path), epochs=epochs_of(s, variant)["total"])
     rep = scratch_job(o, RunDir(path, overwrite=True), spm_extra(s, variant))["report"]
-    traj = _spm_trajectory(path)
+    traj = _metrics(path, "spm")
     return {**_sizes(*rep["rows"]), "macs_fraction": float(rep["macs_fraction"]),
             "gated_top1": rep["gated"]["top1"], "search_macs_fraction": rep["search_macs_fraction"],
             "reconfig_max_abs_diff": rep["reconfig_max_abs_diff"], "spm_settings": rep["settings"],
             "snap": rep.get("snap"), "cut_shares": rep.get("cut_shares"),
-            "kept_widths": traj[-1]["kept"] if traj else None,
-            "macs_trajectory": [{k: t[k] for k in ("epoch", "macs_fraction", "frozen")} for t in traj],
+            "kept_widths": traj[-1].get("kept") if traj else None,
+            "macs_trajectory": [{"epoch": t["epoch"], "macs_fraction": t["macs_fraction"], "frozen": t.get("frozen")}
+                                for t in traj],
             "latency_speedup_b1": rep["latency_speedup_b1"], "epochs": epochs_of(s, variant),
-            "curve": H.epoch_curve(path, "scratch"), "run_dir": str(path)}
+            "curve": epoch_curve(path, "scratch"), "run_dir": str(path)}
 
 
 def run_dense(s: Settings, seed: int, path: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     r = train_job(job_options(s, seed, out=str(path)), RunDir(path, overwrite=True))["row"]
-    curve = H.epoch_curve(path, "train")
+    curve = epoch_curve(path, "train")
     return {"variant": "dense", "seed": seed, **_sizes(r, r), "macs_fraction": 1.0,
-            "epochs": {"train": s.epochs, "total": s.epochs}, "curve": curve, "plateau": H.plateau(curve),
+            "epochs": {"train": s.epochs, "total": s.epochs}, "curve": curve, "plateau": plateau(curve),
             "wall_s": round(time.perf_counter() - t0, 1), "run_dir": str(path),
             "model_file": str(path / "model.safetensors")}
 
@@ -277,7 +244,7 @@ def run_l1(s: Settings, seed: int, base_file: Path, path: Path) -> dict[str, Any
             "best_top1": rep.get("best_top1"), "ratios": plan.get("ratios"),
             "plan_macs_fraction": plan["pruned_macs"] / plan["dense_macs"] if plan.get("dense_macs") else None,
             "latency_speedup_b1": rep["latency_speedup_b1"], "epochs": epochs_of(s, "l1"),
-            "curve": H.epoch_curve(path, "finetune"), "run_dir": str(path)}
+            "curve": epoch_curve(path, "finetune"), "run_dir": str(path)}
 
 
 def expand(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -293,9 +260,9 @@ def expand(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------- summary
+# ---------------------------------------------------------------------------------------------- report
 def summarize(rows: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
-    """Per-variant mean/std over seeds, and pairwise comparisons against the seed spread."""
+    """Per-variant mean/std over seeds, and the comparisons against the seed spread."""
     order = (*VARIANTS, "dense")
     groups = H.summarize(rows, ("variant",), ("top1", "macs_fraction", "params_M", "search_macs_fraction",
                                               "gated_top1", "before_ft_top1"), order=lambda k: order.index(k[0]))
@@ -315,41 +282,35 @@ def summarize(rows: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
     return groups, comps
 
 
-def _epochs_text(g: dict[str, Any]) -> str:
-    ep = g["epochs"]
-    if g["variant"] == "l1":
-        return f"{ep['total']:g} ({ep['base']:g} base + {ep['finetune']:g} fine-tune)"
-    return f"{ep['total']:g}"
-
-
-def _notes_cell(g: dict[str, Any]) -> str:
-    if g["variant"].startswith("spm"):
+def _cells(g: dict[str, Any]) -> tuple[str, str]:
+    """The training-epochs and notes cells of a variant's row."""
+    ep, v = g["epochs"], g["variant"]
+    if v.startswith("spm"):
         ends = ", ".join("?" if x is None else f"{x:.3f}" for x in g.get("search_macs_fraction_values", []))
-        return (f"the search itself ended at {ends} of dense MACs (per seed) before any S_max snap; "
+        return (f"{ep['total']:g}", f"the search itself ended at {ends} of dense MACs (per seed) before any S_max snap; "
                 f"reconfiguration max abs diff {g['reconfig_max_abs_diff_max']:.1e}")
-    if g["variant"] == "l1":
-        return f"top-1 right after removal, before fine-tuning: {g['before_ft_top1_mean']:.2f} (mean)"
-    return "-"
+    if v == "l1":
+        return (f"{ep['total']:g} ({ep['base']:g} base + {ep['finetune']:g} fine-tune)",
+                f"top-1 right after removal, before fine-tuning: {g['before_ft_top1_mean']:.2f} (mean)")
+    return f"{ep['total']:g}", "-"
 
 
 def markdown(result: dict[str, Any]) -> str:
     s, d = result["settings"], result["data"]
     a = result.get("spm_settings", {}).get("spm", {})
-    first = result.get("first_invocation") or {}  # results written before the harness, by a --resume run
-    head = {**result, **{k: first[k] for k in ("hardware", "wall_time_s") if first.get(k)}}
-    lines = H.header_lines(head, "SPM ablation: pruning from scratch with / without the nuclear-norm loss, vs L1")
-    data = (f"Fashion-MNIST, {d['train_images']} training / {d['test_images']} test images"
-            + (" (deterministic class-balanced subsets)" if d["subset"] else ""))
+    lines = H.header_lines(result, "SPM ablation: pruning from scratch with / without the nuclear-norm loss, vs L1")
+    total = s["epochs"] + s["ft_epochs"]
     lines += [
-        f"- Model: {s['model']} (1-channel input); data: {data}.",
+        f"- Model: {s['model']} (1-channel input); data: Fashion-MNIST, {d['train_images']} training / "
+        f"{d['test_images']} test images" + (" (deterministic class-balanced subsets)" if d["subset"] else "") + ".",
         f"- Target: keep **{100 * s['target_macs']:.1f}% of dense MACs** ({1 / s['target_macs']:.2f}x fewer) for every "
         "variant; the MACs column is what the pruned model actually has (Conv2d + Linear MACs).",
         f"- Training budgets, in epochs over the same training images: L1 trains a dense base {s['epochs']:g} epochs "
         f"(lr {s['lr']:g} {s['lr_schedule']}, warm-up {s['warmup_epochs']:g}), prunes it to the target and fine-tunes "
-        f"{s['ft_epochs']:g} epochs (lr {s['ft_lr']:g} {s['ft_schedule']}); the SPM variants train "
-        f"{s['epochs'] + s['ft_epochs']:g} epochs from the same init with the same settings (gates learning for "
-        f"{a.get('search_epochs', '?'):g}, then frozen): **{s['epochs'] + s['ft_epochs']:g} epochs in total** for "
-        f"every row. Batch {s['batch_size']}, momentum {s['momentum']:g}, weight decay {s['weight_decay']:g} everywhere.",
+        f"{s['ft_epochs']:g} epochs (lr {s['ft_lr']:g} {s['ft_schedule']}); the SPM variants train {total:g} epochs "
+        f"from the same init with the same settings (gates learning for {a.get('search_epochs', '?'):g}, then "
+        f"frozen): **{total:g} epochs in total** for every row. Batch {s['batch_size']}, momentum {s['momentum']:g}, "
+        f"weight decay {s['weight_decay']:g} everywhere.",
         f"- SPM losses: spm alpha_nuc {a.get('alpha_nuc', '?'):g}, alpha_mac {a.get('alpha_mac', '?'):g} "
         f"({a.get('mac_norm', '?')} scale), gate lr x{a.get('gate_lr_scale', '?'):g}; spm_no_nuc identical with "
         "alpha_nuc 0. "
@@ -361,32 +322,26 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result.get('l1_plan', {}).get('ratios')}.",
         f"- Seeds: {s['seeds']}; seed k fixes the initial weights and data order of all variants (the L1 base and "
         "both SPM runs start from the same weights), so the per-seed differences below are paired. Top-1 is the "
-        "final model's accuracy on the test images (no selection on the test set).", "",
-        "| variant | training epochs | MACs fraction (mean ± std) | params M (dense "
-        + f"{result['summary'][0]['dense_params_M']:.4f}) | top-1 % (mean ± std) | per seed | notes |",
-        "|---|---|---|---|---|---|---|"]
-    for g in result["summary"]:
-        lines.append(
-            f"| {g['variant']}: {g['label']} | {_epochs_text(g)} | "
-            f"{g['macs_fraction_mean']:.3f} ± {g['macs_fraction_std']:.3f} | {g['params_M_mean']:.4f} | "
-            f"{fmt_pm(g['top1_mean'], g['top1_std'])} | {', '.join(f'{v:.2f}' for v in g['top1_values'])} | "
-            f"{_notes_cell(g)} |")
+        "final model's accuracy on the test images (no selection on the test set).", ""]
+    lines += H.md_table(
+        ["variant", "training epochs", "MACs fraction (mean ± std)",
+         f"params M (dense {result['summary'][0]['dense_params_M']:.4f})", "top-1 % (mean ± std)", "per seed", "notes"],
+        [(f"{g['variant']}: {g['label']}", _cells(g)[0], fmt_pm(g["macs_fraction_mean"], g["macs_fraction_std"], 3),
+          f"{g['params_M_mean']:.4f}", fmt_pm(g["top1_mean"], g["top1_std"]),
+          ", ".join(f"{v:.2f}" for v in g["top1_values"]), _cells(g)[1]) for g in result["summary"]])
     lines += ["", "Differences (mean of a − mean of b, in top-1 points; spread = std a + std b; "
-              "'exceeds' means the ±1 std intervals do not overlap; with so few seeds a rough screen, not a test):", "",
-              "| a vs b | Δ mean | spread | Δ per seed (paired) | exceeds the seed spread? |", "|---|---|---|---|---|"]
-    for c in result["comparisons"]:
-        lines.append(f"| {c['a']} vs {c['b']} | {c['delta_mean']:+.2f} | {c['spread']:.2f} | "
-                     f"{', '.join(f'{x:+.2f}' for x in c['paired_deltas'])} | {H.verdict(c)} |")
+              "'exceeds' means the ±1 std intervals do not overlap; with so few seeds a rough screen, not a test):", ""]
+    lines += H.md_table(["a vs b", "Δ mean", "spread", "Δ per seed (paired)", "exceeds the seed spread?"],
+                        [(f"{c['a']} vs {c['b']}", f"{c['delta_mean']:+.2f}", f"{c['spread']:.2f}",
+                          ", ".join(f"{x:+.2f}" for x in c["paired_deltas"]), H.verdict(c)) for c in result["comparisons"]])
     groups = result.get("spm_groups") or {}
     spm_rows = [r for r in result["results"] if r["variant"].startswith("spm") and r.get("kept_widths")]
     if groups and spm_rows:
         lines += ["", "Channels the SPM runs kept per gated group (of the dense count in the header; * = one gate "
-                  "shared by a whole residual stream):", "",
-                  "| run | " + " | ".join(f"{r}{'*' if g['shared'] else ''} ({g['channels']})" for r, g in groups.items())
-                  + " |", "|---|" + "---|" * len(groups)]
-        for r in spm_rows:
-            lines.append(f"| {r['variant']} s{r['seed']} | "
-                         + " | ".join(str(r["kept_widths"].get(g, "-")) for g in groups) + " |")
+                  "shared by a whole residual stream):", ""]
+        lines += H.md_table(["run", *(f"{r}{'*' if g['shared'] else ''} ({g['channels']})" for r, g in groups.items())],
+                            [(f"{r['variant']} s{r['seed']}", *(r["kept_widths"].get(g, "-") for g in groups))
+                             for r in spm_rows])
     if result.get("plot"):
         lines += ["", f"Figure: `{Path(result['plot']).name}`: top-1 against the achieved MACs fraction, mean ± std "
                   "over seeds per variant (per-seed points faint)."]
@@ -396,25 +351,21 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def accuracy_plot(path: Path, rows: list[dict[str, Any]], groups: list[dict[str, Any]], target: float) -> Path:
-    """Top-1 against the achieved MACs fraction: mean ± std per variant (error bars), seeds as faint points; the
-    left panel with the dense reference, the right one zoomed on the pruned variants around the target."""
-    from regprune.report import _plt  # the library's headless matplotlib setup
-
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11.0, 4.4), dpi=110, gridspec_kw={"width_ratios": [1, 1.2]})
-    colors = {"spm": "#1f77b4", "spm_no_nuc": "#ff7f0e", "l1": "#2ca02c", "dense": "#7f7f7f"}
-    markers = {"spm": "o", "spm_no_nuc": "s", "l1": "^", "dense": "D"}
+    """Top-1 against the achieved MACs fraction, mean ± std per variant, seeds as faint points: with the dense
+    reference (left) and zoomed on the pruned variants around the target (right)."""
+    fig, axes = H.pyplot().subplots(1, 2, figsize=(11.0, 4.4), dpi=110, gridspec_kw={"width_ratios": [1, 1.2]})
+    style = {"spm": ("#1f77b4", "o"), "spm_no_nuc": ("#ff7f0e", "s"), "l1": ("#2ca02c", "^"), "dense": ("#7f7f7f", "D")}
     for ax, zoom in zip(axes, (False, True)):
         for g in (g for g in groups if not (zoom and g["variant"] == "dense")):
             v = g["variant"]
+            color, marker = style[v]
             pts = [(r["macs_fraction"], r["top1"]) for r in rows if r["variant"] == v]
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=colors[v], marker=markers[v], alpha=0.35, s=20)
+            ax.scatter(*zip(*pts), color=color, marker=marker, alpha=0.35, s=20)
             ax.errorbar(g["macs_fraction_mean"], g["top1_mean"], xerr=g["macs_fraction_std"], yerr=g["top1_std"],
-                        color=colors[v], marker=markers[v], markersize=7, capsize=4, linewidth=1.4,
+                        color=color, marker=marker, markersize=7, capsize=4, linewidth=1.4,
                         label=f"{v} ({g['epochs_total']:g} ep): {g['top1_mean']:.2f} ± {g['top1_std']:.2f}")
         ax.axvline(target, color="gray", linestyle=":", linewidth=1)
-        ax.set_xlabel("MACs kept (fraction of dense)")
-        ax.set_ylabel("test top-1 (%)")
+        ax.set(xlabel="MACs kept (fraction of dense)", ylabel="test top-1 (%)")
         ax.grid(alpha=0.3)
         if zoom:
             xs = [r["macs_fraction"] for r in rows if r["variant"] != "dense"] + [target]
@@ -424,19 +375,14 @@ def accuracy_plot(path: Path, rows: list[dict[str, Any]], groups: list[dict[str,
             ax.legend(fontsize=7, loc="lower right")
         else:
             ax.set_title("SPM ablation: accuracy vs MACs (mean ± std over seeds)", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return H.save_fig(fig, path)
 
 
 def make_notes(groups: list[dict], comps: list[dict], s: Settings, rows: list[dict]) -> list[str]:
-    """Comparisons in words, where the searches ended, the dense bases' plateau, gated groups cut to (almost)
-    nothing, and the share of each SPM variant's MACs cut done by the search and by the library's snap."""
+    """Comparisons in words, where the searches ended, the dense bases' plateau, groups cut to (almost) nothing,
+    and the share of each SPM variant's MACs cut done by the search and by the library's snap."""
     by = {g["variant"]: g for g in groups}
-    notes = [f"{c['a']} vs {c['b']}: Δ {c['delta_mean']:+.2f} points, spread {c['spread']:.2f}: "
-             f"{H.verdict(c)}"
+    notes = [f"{c['a']} vs {c['b']}: Δ {c['delta_mean']:+.2f} points, spread {c['spread']:.2f}: {H.verdict(c)}"
              + ("; same sign on every seed" if c["paired_same_sign"] else "; the sign differs between seeds")
              for c in comps]
     for v in ("spm", "spm_no_nuc"):
@@ -479,17 +425,7 @@ def make_notes(groups: list[dict], comps: list[dict], s: Settings, rows: list[di
     return notes
 
 
-# ---------------------------------------------------------------------------------------------- main
-BENCH = H.Bench(name="spm_ablation", doc=__doc__, settings_cls=Settings, scales=SCALES, methods=VARIANTS,
-                script=Path(__file__).resolve(), job_keys=("variant", "seed"), jobs=jobs, prepare=prepare,
-                run_one=run_one, add_args=add_args, default_scale="cpu",
-                overrides=("target_macs", "epochs", "search_epochs", "ft_epochs", "lr", "ft_lr", "alpha_nuc", "snap",
-                           "amp", "workers"),
-                estimate=estimate, dense_model=lambda s: _fresh(s.model), input_shape=INPUT_SHAPE)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the benchmark (or print its plan); returns the result written to the JSON."""
     r = H.main(BENCH, argv)
     if r["dry_run"]:
         return {"settings": r["settings"], "plan": r["plan"], "dry_run": True}
@@ -512,10 +448,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "jobs_expected": r["jobs_expected"], "complete": r["complete"],
         "jobs_wall_s": round(sum(x["wall_s"] for x in r["rows"]), 1), "notes": make_notes(groups, comps, s, rows),
     }
-    res = H.write_outputs(result, out_dir, stem, markdown,
-                          [lambda d: accuracy_plot(d / f"{stem}.png", rows, groups, s.target_macs)])
-    return res
+    return H.write_outputs(result, out_dir, stem, markdown,
+                           [lambda d: accuracy_plot(d / f"{stem}.png", rows, groups, s.target_macs)])
 
+
+BENCH = H.Bench(name="spm_ablation", doc=__doc__, scales=SCALES, methods=VARIANTS, script=Path(__file__).resolve(),
+                job_keys=("variant", "seed"), jobs=jobs, prepare=lambda s, work: {"work": work}, run_one=run_one, add_args=add_args,
+                default_scale="cpu", estimate=estimate, dense_model=lambda s: _fresh(s.model))
 
 if __name__ == "__main__":
     H.run_script(main)

@@ -317,7 +317,6 @@ def pyplot():
     return plt
 
 
-_plt = pyplot  # the former name, still imported by benchmarks/
 
 
 def plot_lines(path: Path, series: dict[str, tuple[Iterable[float], Iterable[float]]], xlabel: str, ylabel: str,

@@ -71,23 +71,28 @@ def _rows(work: Path) -> list[dict]:
 @needs_fashion
 def test_peers_time_budget_then_resume_with_workers(tmp_path: Path, keep_threads) -> None:
     """A run whose time budget is already spent starts no job and says its table is partial; the next run on
-    the same work dir reuses the base and, split over two worker processes, does every job exactly once."""
+    the same work dir reuses the base and, split over two worker processes, does every job exactly once.
+    `l1_same_ft` (the GReg paper's comparison) fine-tunes for ft_iters only."""
     peers = _load("peers")
     out, work = tmp_path / "results", tmp_path / "work"
-    common = ["--scale", "smoke", "--methods", "l1", "tp_magnitude", "--out-dir", str(out), "--work-dir", str(work)]
+    methods = ("l1", "tp_magnitude", "l1_same_ft")
+    common = ["--scale", "smoke", "--methods", *methods, "--out-dir", str(out), "--work-dir", str(work)]
     first = peers.main(common + ["--time-budget", "0"])
     assert first["jobs_done"] == 0 and first["complete"] is False
-    assert first["jobs_expected"] == 4  # 2 targets x 2 methods x 1 seed
-    assert "Partial: 0 of 4 jobs" in (out / "peers_smoke.md").read_text()
+    assert first["jobs_expected"] == 6  # 2 targets x 3 methods x 1 seed
+    assert "Partial: 0 of 6 jobs" in (out / "peers_smoke.md").read_text()
     base_bytes = (work / "base.safetensors").read_bytes()
 
     second = peers.main(common + ["--jobs", "2"])
-    assert second["complete"] is True and second["jobs_done"] == 4
+    assert second["complete"] is True and second["jobs_done"] == 6
     assert (work / "base.safetensors").read_bytes() == base_bytes  # reused, not retrained
     rows = _rows(work)
     jobs = sorted((r["target"], r["method"], r["seed"]) for r in rows)
-    assert jobs == sorted({(t, m, 0) for t in (0.5, 0.125) for m in ("l1", "tp_magnitude")})  # each exactly once
+    assert jobs == sorted({(t, m, 0) for t in (0.5, 0.125) for m in methods})  # each exactly once
     assert all(_finite(r["top1"]) and _finite(r["wall_s"]) for r in rows)
+    s = peers.SCALES["smoke"]
+    for r in rows:
+        assert r["total_iters"] == (s.ft_iters if r["method"] == "l1_same_ft" else s.reg_iters + s.ft_iters)
     assert "Partial" not in (out / "peers_smoke.md").read_text()
 
 

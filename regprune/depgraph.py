@@ -15,6 +15,7 @@ import torch_pruning.dependency.index_mapping as _tp_index_mapping
 
 from . import channel_maps
 from .errors import UserError
+from .forward import cloned_inputs, modes_kept
 from .models.cifar import PadShortcut
 
 __all__ = ["PadShortcutPruner", "CUSTOM_PRUNERS", "IndexMappingDiverges", "mapped_once", "trace", "trace_failure",
@@ -195,7 +196,6 @@ def trace(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
     """Torch-Pruning's dependency graph of `model` on `example_inputs` (copied: in-place ops cannot change them),
     with regprune's pruners and mappings; every module's train/eval flag is put back. Raises UserError naming
     the cause when the tracer fails."""
-    from .verify import cloned_inputs, modes_kept
 
     try:
         with modes_kept(model):  # the tracer switches to eval mode

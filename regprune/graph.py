@@ -13,6 +13,7 @@ from torch.utils._pytree import tree_flatten
 
 from .channel_maps import shuffles
 from .counting import MacsRecord, call_model, is_counted, is_depthwise, recording, uncounted_layers
+from .forward import buffers_kept, check_example_inputs, cloned_inputs, modes_kept, run_in_mode, train_batch
 from .depgraph import CUSTOM_PRUNERS, IndexMappingDiverges, PadShortcutPruner, mapped_once, trace, widest
 from .errors import UserError
 
@@ -66,8 +67,6 @@ def _probe(model: nn.Module, example_inputs) -> tuple[MacsRecord, set[str], set[
     through parameter-free or per-channel functions only (found by graph position: a walk back from every output
     through the autograd graph that stops at counted layers), and the modules that run only in train mode
     (auxiliary heads)."""
-    from .verify import buffers_kept, cloned_inputs, run_in_mode, modes_kept, train_batch
-
     produced: dict[Any, str] = {}
 
     def mark(name):
@@ -127,8 +126,6 @@ class GroupGraph:
     def __init__(self, model: nn.Module, example_inputs: Any, include_coupled: bool = False,
                  family: str | None = None, safety: bool = True, probe: bool = True,
                  roots: Sequence[str] | None = None) -> None:
-        from .verify import check_example_inputs
-
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             raise UserError(f"the model is wrapped in {type(model).__name__}: prune the wrapped module "
                             "(model.module), then wrap the pruned model again")

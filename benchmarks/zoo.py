@@ -247,7 +247,8 @@ def markdown(data: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="torchvision.*", help="glob over regprune's registry (default %(default)s)")
+    ap.add_argument("--models", nargs="+", default=["torchvision.*"],
+                    help="globs over regprune's registry (default torchvision.*)")
     ap.add_argument("--timeout", type=float, default=150, help="seconds per model (default %(default)s)")
     ap.add_argument("--jobs", type=int, default=2, help="models at a time, each in its own process (default 2)")
     ap.add_argument("--out", default=str(H.HERE / "results"), help="folder for <name>.json and <name>.md")
@@ -271,9 +272,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args._case:
         return H.write_json(Path(args._case[1]), run_one(**json.loads(args._case[0])))
-    names = [n for n in regprune.list_models(args.models) if n.startswith("torchvision.")]
+    names = sorted({n for g in args.models for n in regprune.list_models(g) if n.startswith("torchvision.")})
     if not names:
-        raise UserError(f"no torchvision model matches {args.models!r}")
+        raise UserError(f"no torchvision model matches {' '.join(args.models)!r}")
     command = "python benchmarks/zoo.py " + " ".join(sys.argv[1:] if argv is None else argv)
     log(f"{len(names)} models, {args.jobs} at a time, {args.timeout:g} s each")
     hw = H.hardware_info("cpu")

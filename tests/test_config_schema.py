@@ -94,6 +94,7 @@ def test_the_shipped_recipes_load():
     ({"momentum": None}, "option momentum needs a value of type float"),
     ({"train": {"lrr": 0.1}}, "unknown option.*train.lrr"),
     ({"learning_rate": 0.1}, "unknown option.*learning_rate"),
+    ({"train": 5}, "section train must be a mapping"),
 ])
 def test_types_come_from_the_type_hints(values, match):
     with pytest.raises(UserError, match=match):

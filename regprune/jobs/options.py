@@ -189,6 +189,7 @@ def _options() -> Iterator[Option]:
 
 
 OPTIONS: dict[str, Option] = {o.flat: o for o in _options()}  # by flat name, in declaration order
+PLACES: dict[tuple[str, str], Option] = {(o.section, o.name): o for o in OPTIONS.values()}  # by (section, field)
 
 
 def options_for(command: str) -> list[Option]:
@@ -266,9 +267,11 @@ def _by_section(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {sec: {} for sec in SECTIONS}
     unknown = []
     for key, value in values.items():
+        if key in SECTIONS and key not in OPTIONS and not isinstance(value, dict):
+            raise UserError(f"section {key} must be a mapping of its option names to values, got {value!r}")
         if key in SECTIONS and isinstance(value, dict):  # a section ("data" is also a flat name, with a string)
             for name, v in value.items():
-                o = next((o for o in OPTIONS.values() if o.section == key and o.name == name), None)
+                o = PLACES.get((key, name))
                 if o is None:
                     unknown.append(f"{key}.{name}")
                 else:
@@ -314,7 +317,7 @@ def _flatten(values: dict[str, Any]) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for sec, vals in _by_section(values).items():
         for name, v in vals.items():
-            flat[next(o.flat for o in OPTIONS.values() if o.section == sec and o.name == name)] = v
+            flat[PLACES[sec, name].flat] = v
     return flat
 
 
@@ -345,7 +348,7 @@ def merge_options(defaults: dict[str, Any], given: dict[str, Any], *, recipe: st
         if old_flat and saved_values.get("warmup_epochs") == 0:
             saved_values["warmup_epochs"] = None  # the flat files of older versions wrote "not given" as 0
         values.update(_flatten(saved_values))
-    values.update({k: v for k, v in _flatten({k: v for k, v in given.items() if v is not None}).items()})
+    values.update(_flatten({k: v for k, v in given.items() if v is not None}))
     if greg:
         g = dict(values.get("greg") or {})
         for item in greg:

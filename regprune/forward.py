@@ -122,9 +122,10 @@ def _stochastic_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if any(s in type(m).__name__ for s in ("DropPath", "StochasticDepth", "DropBlock"))]
 
 
-def run_in_mode(model: nn.Module, inputs: Any, train: bool) -> Any:
-    """`model`'s output on a copy of `inputs` in train (`train=True`) or eval mode, without gradients, with dropout
-    and stochastic-depth modules passing their input through and the random state forked and seeded with 0.
+def run_in_mode(model: nn.Module, inputs: Any, train: bool, grad: bool = False) -> Any:
+    """`model`'s output on a copy of `inputs` in train (`train=True`) or eval mode, without gradients (with them
+    when `grad=True`: the autograd graph of the pass is kept), with dropout and stochastic-depth modules passing
+    their input through and the random state forked and seeded with 0.
 
     Every module's own mode flag is restored afterwards; buffers are not (wrap in `buffers_kept` for that).
     Whatever the model raises propagates."""
@@ -132,6 +133,6 @@ def run_in_mode(model: nn.Module, inputs: Any, train: bool) -> Any:
         model.train(train)
         for m in _stochastic_modules(model):
             m.eval()
-        with torch.no_grad(), _dropout_off(), torch.random.fork_rng(devices=[]):
+        with torch.set_grad_enabled(grad), _dropout_off(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             return call_model(model, cloned_inputs(inputs))

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
-from torch.utils._pytree import tree_flatten
 
 from .channel_maps import shuffles
-from .counting import MacsRecord, call_model, is_counted, is_depthwise, recording, uncounted_layers
+from .counting import MacsRecord, call_model, is_counted, is_depthwise, output_tensors, recording, uncounted_layers
 from .forward import buffers_kept, check_example_inputs, cloned_inputs, modes_kept, run_in_mode, train_batch
 from .depgraph import CUSTOM_PRUNERS, IndexMappingDiverges, PadShortcutPruner, mapped_once, trace, widest
 from .errors import UserError
@@ -61,58 +61,112 @@ def _grouped(m: nn.Module) -> bool:
     return isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and not is_depthwise(m)
 
 
-def _probe(model: nn.Module, example_inputs) -> tuple[MacsRecord, set[str], set[str]]:
-    """Forward passes that read what the trace does not say: the MACs record of an eval-mode pass (per-sample MACs
-    by layer, the modules that ran: `counting.recording`), the layers whose output reaches a network output
-    through parameter-free or per-channel functions only (found by graph position: a walk back from every output
-    through the autograd graph that stops at counted layers), and the modules that run only in train mode
-    (auxiliary heads)."""
-    produced: dict[Any, str] = {}
-
-    def mark(name):
-        def hook(mod, inp, out):
-            if is_counted(mod) and not is_depthwise(mod) and isinstance(out, torch.Tensor) and out.grad_fn is not None:
-                produced[out.grad_fn] = name
-        return hook
-
-    hooks = [m.register_forward_hook(mark(name)) for name, m in model.named_modules() if is_counted(m)]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        with modes_kept(model), recording(model, example_inputs) as record:
-            model.eval()
-            for p, _ in flags:
-                p.requires_grad_(True)
-            with torch.enable_grad():
-                out = call_model(model, cloned_inputs(example_inputs))
-    finally:
-        for h in hooks:
-            h.remove()
-        for p, f in flags:
-            p.requires_grad_(f)
-    outputs: set[str] = set()
-    stack = [t.grad_fn for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+def _walk_back(fns, produced: dict) -> set[str]:
+    """Names of the counted layers whose outputs the autograd nodes `fns` are computed from without another counted
+    layer in between: a walk back through the autograd graph that stops at the nodes in `produced` (a counted
+    layer's output node -> its name)."""
+    found: set[str] = set()
     seen = set()
+    stack = [fn for fn in fns if fn is not None]
     while stack:
         fn = stack.pop()
         if fn is None or fn in seen:
             continue
         seen.add(fn)
         if fn in produced:
-            outputs.add(produced[fn])
+            found.add(produced[fn])
             continue
         stack.extend(nxt for nxt, _ in fn.next_functions)
-    del out
-    called_train: set[str] = set()
-    hooks = [m.register_forward_hook(lambda mod, i, o, _n=name: called_train.add(_n)) for name, m in model.named_modules()]
+    return found
+
+
+def _marking(model: nn.Module, produced: dict) -> list:
+    """Forward hooks on every counted layer (depthwise convs aside: their channels are their inputs') that note its
+    output's autograd node in `produced` (node -> layer name)."""
+    def mark(name):
+        def hook(mod, inp, out):
+            if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+                produced[out.grad_fn] = name
+        return hook
+
+    return [m.register_forward_hook(mark(name)) for name, m in model.named_modules()
+            if is_counted(m) and not is_depthwise(m)]
+
+
+def _probe(model: nn.Module, example_inputs) -> tuple[MacsRecord, set[str], set[str], dict[str, set[str]]]:
+    """Forward passes that read what the trace does not say: the MACs record of an eval-mode pass (per-sample MACs
+    by layer, the modules that ran: `counting.recording`), the layers whose output reaches a network output
+    through parameter-free or per-channel functions only (found by graph position: a walk back from every output
+    through the autograd graph that stops at counted layers), the modules that run only in train mode (auxiliary
+    heads), and which layers those read: for every counted layer that runs only in train mode, a walk back from its
+    inputs in a train-mode pass to the counted layers that produced them (producer name -> train-only readers)."""
+    produced: dict[Any, str] = {}
+    hooks = _marking(model, produced)
     try:
-        with buffers_kept(model):
-            run_in_mode(model, train_batch(example_inputs), train=True)
-    except Exception:  # a model that cannot run in train mode: nothing runs only there
-        pass
+        with modes_kept(model), recording(model, example_inputs) as record, _grads_on(model):
+            model.eval()
+            out = call_model(model, cloned_inputs(example_inputs))
     finally:
         for h in hooks:
             h.remove()
-    return record, outputs, called_train - record.ran
+    outputs = _walk_back([t.grad_fn for t in output_tensors(out)], produced)
+    del out, produced
+    called_train, readers = _train_pass(model, example_inputs, record.ran)
+    return record, outputs, called_train - record.ran, readers
+
+
+@contextlib.contextmanager
+def _grads_on(model: nn.Module) -> Iterator[None]:
+    """Inside: gradients are recorded and every parameter requires them (so each layer's output has an autograd
+    node, frozen layers too); the parameters' own flags come back afterwards."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
+def _train_pass(model: nn.Module, example_inputs, ran_in_eval: set[str]) -> tuple[set[str], dict[str, set[str]]]:
+    """One train-mode pass: (names of the modules that ran, producer layer -> the train-only counted layers reading
+    its output). It records gradients (so the counted layers that run only in train mode can be walked back from)
+    only when some counted layer did not run in eval mode, and passes again without them when the model fails so.
+    Nothing of either when the model cannot run in train mode."""
+    called: set[str] = set()
+    produced: dict[Any, str] = {}
+    read: dict[str, list] = {}
+
+    def reader(name):
+        def pre(mod, args, kwargs):
+            read.setdefault(name, []).extend(t.grad_fn for t in output_tensors((args, kwargs)))
+        return pre
+
+    unseen = [(name, m) for name, m in model.named_modules() if is_counted(m) and name not in ran_in_eval]
+    for grad in ((True, False) if unseen else (False,)):
+        hooks = [m.register_forward_hook(lambda mod, i, o, _n=name: called.add(_n))
+                 for name, m in model.named_modules()]
+        if grad:
+            hooks += _marking(model, produced)
+            hooks += [m.register_forward_pre_hook(reader(name), with_kwargs=True) for name, m in unseen]
+        try:
+            with buffers_kept(model), (_grads_on(model) if grad else contextlib.nullcontext()):
+                run_in_mode(model, train_batch(example_inputs), train=True, grad=grad)
+            break
+        except Exception:  # a model that cannot run in train mode: nothing runs only there
+            called.clear()
+            produced.clear()
+            read.clear()
+        finally:
+            for h in hooks:
+                h.remove()
+    readers: dict[str, set[str]] = {}
+    for name, fns in read.items():
+        for layer in _walk_back(fns, produced):
+            readers.setdefault(layer, set()).add(name)
+    return called, readers
 
 
 class GroupGraph:
@@ -120,8 +174,9 @@ class GroupGraph:
 
     `example_inputs`: a tensor, a tuple/list of positional inputs or a dict of keyword inputs (all are used).
     With `safety=True` (what `analyze` does) every candidate group is cut on a trial copy and verified first;
-    groups that fail are out of scope with the reason (`unsafe: ...`). `roots` (layer names) forms only the groups
-    rooted there (a trial copy needs no others); by default every group is formed."""
+    groups that fail are out of scope with the reason (`unsafe: ...`), and so, without a trial, are the groups that
+    layers running only in train mode read (`train_readers`: producer layer -> those readers). `roots` (layer
+    names) forms only the groups rooted there (a trial copy needs no others); by default every group is formed."""
 
     def __init__(self, model: nn.Module, example_inputs: Any, include_coupled: bool = False,
                  family: str | None = None, safety: bool = True, probe: bool = True,
@@ -133,9 +188,9 @@ class GroupGraph:
         self.example_inputs = check_example_inputs(example_inputs)
         self.names = {m: n for n, m in model.named_modules()}
         self.dg = trace(model, example_inputs)
-        record, self.outputs, self.train_only = MacsRecord(), set(), set()
+        record, self.outputs, self.train_only, self.train_readers = MacsRecord(), set(), set(), {}
         if probe:  # trial copies (see verify.group_safety) need the dependency graph only
-            record, self.outputs, self.train_only = _probe(model, example_inputs)
+            record, self.outputs, self.train_only, self.train_readers = _probe(model, example_inputs)
         self.layer_macs = record.macs
         self.uncounted = uncounted_layers(model, example_inputs, record=record) if probe else []
         traced = set(self.dg.module2node)
@@ -288,13 +343,22 @@ class GroupGraph:
 
     def _decide_safety(self) -> None:
         """Cut a few channels of every group that could be pruned on a trial copy and verify (see
-        `verify.group_safety`); a failing group leaves the scope with the reason."""
+        `verify.group_safety`); a failing group leaves the scope with the reason. Groups read by layers that run
+        only in train mode leave it first (their cut breaks train mode, where those layers read the channels the
+        trace never saw consumed), so the trial of the others needs no bisection to find them."""
         from .surgery import verified_surgery
         from .verify import trial_picks, group_safety
 
         cands = {}
         for g in self.groups.values():
             if not g.in_scope:  # only what this scope could prune is tried (--include-coupled tries the streams)
+                continue
+            readers = sorted({r for w in g.writers for r in self.train_readers.get(w, ())})
+            if readers:  # a cut would break train mode: found without a trial
+                g.in_scope, g.unsafe, g.kind = False, True, "unsafe"
+                more = f" and {len(readers) - 4} more" if len(readers) > 4 else ""
+                g.reason = (f"unsafe: read by layers that run only in train mode ({', '.join(readers[:4])}{more}): "
+                            "the trace never saw them")
                 continue
             picks = trial_picks(g)
             if picks is None:

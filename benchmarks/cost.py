@@ -1,13 +1,6 @@
-"""What regprune's machinery costs, each figure a ratio of two things measured interleaved in the same run.
-
-(a) Graph analysis + pruning of torchvision ResNet-50: `regprune.prune(model, x, ratios=...)` against Torch-Pruning
-    called directly for the very same channels (DependencyGraph + the same groups pruned) and against its
-    `MagnitudePruner` at the same per-layer ratios. CPU time is the primary clock.
-(b) Time per training step of a CIFAR ResNet-20 (1x28x28, batch 128) with GReg-1 / GReg-2 hooks and with SPM gates
-    and losses (nuclear term every step, and every 10th), against a plain SGD step on the same batches.
-(c) Peak memory of the same, each in a fresh subprocess: the peak-RSS mark (`VmHWM`) is reset after the setup
-    (`/proc/self/clear_refs`), the work runs, the peak is read; on CUDA `torch.cuda.max_memory_allocated` too.
-Dense-vs-pruned latency is benchmarks/speedup.py's subject.
+"""What regprune's machinery costs, each figure a ratio of two things measured interleaved in the same run:
+(a) graph analysis + pruning of torchvision ResNet-50 against Torch-Pruning, (b) a training step of ResNet-20 with
+GReg / SPM hooks against a plain step, (c) peak memory of both (benchmarks/README.md describes each).
 
     nice -n 10 python benchmarks/cost.py              # ~15 min on 2 shared CPU cores
     python benchmarks/cost.py --quick                 # seconds-scale check (what the test runs)
@@ -169,16 +162,16 @@ def bench_steps(device: torch.device, batch: int, steps: int, repeats: int, warm
 # ---------------------------------------------------------------------------------------------- (c) memory
 def _status_mb(name: str) -> float | None:
     try:
-        line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(name + ":"))
-        return int(line.split()[1]) / 1024.0  # kB
-    except (OSError, StopIteration):
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:  # not Linux
         return None
+    line = next((ln for ln in lines if ln.startswith(name + ":")), None)
+    return None if line is None else int(line.split()[1]) / 1024.0  # kB
 
 
 def _peak_mb() -> float:
     # VmHWM is this process's own; getrusage's ru_maxrss carries the parent's peak over fork + exec
-    hwm = _status_mb("VmHWM")
-    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return _status_mb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def child(kind: str, variant: str, o: dict[str, Any]) -> dict[str, Any]:
@@ -213,21 +206,22 @@ def child(kind: str, variant: str, o: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _mem_summary(runs: dict[str, list[dict]], ref: str) -> dict[str, Any]:
+    """Per variant the median of each figure over its processes (flags: all), and its ratios to `ref`'s."""
+    s = {v: {k: (all(x[k] for x in rs) if isinstance(rs[0][k], bool) else statistics.median(x[k] for x in rs))
+             for k in rs[0]} for v, rs in runs.items() if rs}
+    for v in s:
+        s[v]["ratio_peak_vs_" + ref] = s[v]["peak_mb"] / s[ref]["peak_mb"]
+        s[v]["ratio_increase_vs_" + ref] = s[v]["increase_mb"] / max(s[ref]["increase_mb"], 1e-9)
+        if "gpu_peak_alloc_mb" in s[v]:
+            s[v]["ratio_gpu_peak_vs_" + ref] = s[v]["gpu_peak_alloc_mb"] / s[ref]["gpu_peak_alloc_mb"]
+    return s
+
+
 def bench_memory(args: argparse.Namespace, device: str, picks: dict[str, list[int]] | None) -> dict[str, Any]:
     """Peak memory per variant, one fresh process per measurement, variants interleaved over repeats."""
     o = {"threads": args.threads, "batch": args.batch, "mem_steps": args.mem_steps, "image": args.image,
          "ratios": args.ratios, "picks": picks}
-
-    def summarize(runs: dict[str, list[dict]], ref: str) -> dict[str, Any]:
-        s = {v: {k: (all(x[k] for x in rs) if isinstance(rs[0][k], bool) else statistics.median(x[k] for x in rs))
-                 for k in rs[0]} for v, rs in runs.items() if rs}
-        for v in s:
-            s[v]["ratio_peak_vs_" + ref] = s[v]["peak_mb"] / s[ref]["peak_mb"]
-            s[v]["ratio_increase_vs_" + ref] = s[v]["increase_mb"] / max(s[ref]["increase_mb"], 1e-9)
-            if "gpu_peak_alloc_mb" in s[v]:
-                s[v]["ratio_gpu_peak_vs_" + ref] = s[v]["gpu_peak_alloc_mb"] / s[ref]["gpu_peak_alloc_mb"]
-        return s
-
     steps: dict[str, list[dict]] = {v: [] for v in STEP_VARIANTS}
     prune: dict[str, list[dict]] = {v: [] for v in PRUNE_VARIANTS}
     for r in range(args.mem_repeats):
@@ -237,27 +231,45 @@ def bench_memory(args: argparse.Namespace, device: str, picks: dict[str, list[in
             prune[v].append(H.in_fresh_process(child, "prune", v, {**o, "device": "cpu"}))
         log(f"  memory round {r + 1}/{args.mem_repeats}: " + ", ".join(
             f"{v} +{steps[v][-1]['increase_mb']:.0f}MB" for v in STEP_VARIANTS))
-    out: dict[str, Any] = {"what": ("peak resident set size (VmHWM) of a fresh process while it does the work, its mark "
-                                    "reset after the setup (imports, model, batches); 'increase' is that peak minus the "
-                                    "RSS before the work (memory the work needed on top of what was already there, "
-                                    "freed-but-cached allocator memory included)"),
-                           "repeats": args.mem_repeats, "device": device, "steps": summarize(steps, "plain"),
+    out: dict[str, Any] = {"what": "peak RSS (VmHWM) of a fresh process doing the work, its mark reset after the "
+                                   "setup; increase: that peak minus the RSS before the work",
+                           "repeats": args.mem_repeats, "device": device, "steps": _mem_summary(steps, "plain"),
                            "steps_raw": steps}
     if not args.cuda_only:
-        out.update(prune=summarize(prune, "tp_direct"), prune_raw=prune)
+        out.update(prune=_mem_summary(prune, "tp_direct"), prune_raw=prune)
     return out
 
 
 # ---------------------------------------------------------------------------------------------- report
+def _step_rows(st: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    clocks = [("cpu_time", "CPU time"), ("wall", "wall")] if "cpu_time" in st else [("wall", "wall")]
+    rows = []
+    for v in STEP_VARIANTS:
+        row = {"variant": "plain SGD step" if v == "plain" else v}
+        for key, label in clocks:
+            c = st[key]
+            row[f"{label} ms"] = f"{c['median_ms'][v]:.1f}"
+            row[f"{label} ratio"] = "1.000" if v == "plain" else f"{c['ratio'][v]:.3f}"
+            if v != "plain":
+                lo, hi = c["paired_ratio_range"][v]
+                row[f"{label} paired (min-max)"] = f"{c['paired_median_ratio'][v]:.3f} ({lo:.2f}-{hi:.2f})"
+        if v != "plain":
+            row["hook calls ms"] = f"{st['hook_calls_ms'][v]:.1f}"
+            met = st[clocks[0][0]]["ratio"][v] <= GOALS[v]
+            row["goal"] = f"<= {GOALS[v]:.2f}: {'met' if met else 'MISSED'}"
+        rows.append(row)
+    return rows, ["variant"] + [f"{label} {k}" for _, label in clocks for k in ("ms", "ratio", "paired (min-max)")] \
+        + ["hook calls ms", "goal"]
+
+
 def markdown(res: dict[str, Any]) -> str:
     hw = res["hardware"]
     lines = [f"# Cost of regprune's machinery ({'quick' if res['settings']['quick'] else 'full'} run)", "",
              f"Measured {res['date']} on {(hw['gpu'] + ' with ') if hw.get('gpu') else ''}{hw.get('processor')} "
              f"({hw.get('cpus_usable')} usable cores, torch {hw.get('torch')}, {res['settings']['threads']} torch "
-             f"thread(s), load average at start {hw.get('loadavg_1_5_15')}). Every ratio compares two things measured "
-             "interleaved in this run; medians over rounds.", ""]
-    p = res.get("prune")
-    if p:
+             f"thread(s), load average at start {hw.get('loadavg_1_5_15')}). Ratios of medians over interleaved "
+             "rounds; the columns are explained in benchmarks/README.md.", ""]
+    if p := res.get("prune"):
         ck, ms, mc = p["check"], p["median_s"], p["median_cpu_s"]
         lines += ["## (a) Graph analysis + pruning, torchvision ResNet-50", "",
                   f"Input {'x'.join(map(str, p['input']))}, ratios `{p['ratios']}` ({p['groups_pruned']} groups, "
@@ -267,52 +279,28 @@ def markdown(res: dict[str, Any]) -> str:
                             "regprune / this (CPU)": f"{mc['regprune'] / mc[k]:.2f}"} for k in PRUNE_VARIANTS]), "",
                   f"Same result: TP direct max |output diff| vs regprune {ck['tp_direct']['max_abs_output_diff_vs_regprune']:.2g} "
                   f"(same params {ck['tp_direct']['same_params']}); MagnitudePruner same widths "
-                  f"{ck['tp_pruner']['same_params'] and ck['tp_pruner']['same_macs']} "
-                  "(its L1 criterion sums over the whole group, so it may pick other channels).", ""]
-    step_runs = ([("CPU", res["steps_cpu"])] if res.get("steps_cpu") else []) + [("CUDA", st) for st in res.get("steps_cuda") or []]
-    for title, st in step_runs:
+                  f"{ck['tp_pruner']['same_params'] and ck['tp_pruner']['same_macs']}.", ""]
+    for title, st in [("CPU", res.get("steps_cpu"))] * bool(res.get("steps_cpu")) + [
+            ("CUDA", s) for s in res.get("steps_cuda") or []]:
+        rows, cols = _step_rows(st)
         lines += [f"## (b) Training-step time, ResNet-20 (1x28x28), batch {st['batch']}, {title}", "",
-                  f"{st['repeats']} interleaved rounds of {st['steps_per_round']} steps per variant (order rotated "
-                  f"every round) after {st['warmup']} warm-up steps each"
-                  + (f", AMP {st['amp']}, channels_last {st['channels_last']}" if title == "CUDA" else "") + ". "
-                  + ("Primary clock: the process's CPU time (one torch thread), which other jobs' load on a shared "
-                     "machine barely moves; wall-clock figures beside it." if title == "CPU" else
-                     "Wall clock with CUDA synchronisation.") + " `ratio` = median(variant) / median(plain); "
-                  "`paired` = median over rounds of the per-round ratio (min-max). `hook calls` = CPU time inside "
-                  "the method's own hook calls per step (not the autograd of its loss terms, not SPM's gating).", ""]
-        clocks = [("cpu_time", "CPU time"), ("wall", "wall")] if "cpu_time" in st else [("wall", "wall")]
-        prim = st[clocks[0][0]]
-        rows = []
-        for v in STEP_VARIANTS:
-            row = {"variant": "plain SGD step" if v == "plain" else v}
-            for key, label in clocks:
-                c = st[key]
-                row[f"{label} ms"] = f"{c['median_ms'][v]:.1f}"
-                row[f"{label} ratio"] = "1.000" if v == "plain" else f"{c['ratio'][v]:.3f}"
-                if v != "plain":
-                    lo, hi = c["paired_ratio_range"][v]
-                    row[f"{label} paired (min-max)"] = f"{c['paired_median_ratio'][v]:.3f} ({lo:.2f}-{hi:.2f})"
-            if v != "plain":
-                row["hook calls ms"] = f"{st['hook_calls_ms'][v]:.1f}"
-                row["goal"] = f"<= {GOALS[v]:.2f}: {'met' if prim['ratio'][v] <= GOALS[v] else 'MISSED'}"
-            rows.append(row)
-        cols = ["variant"] + [f"{label} {k}" for _, label in clocks for k in ("ms", "ratio", "paired (min-max)")]
-        lines += [H.table(rows, cols + ["hook calls ms", "goal"]), ""]
-    mem = res.get("memory")
-    if mem:
+                  f"{st['repeats']} interleaved rounds of {st['steps_per_round']} steps per variant after {st['warmup']} "
+                  f"warm-up steps each" + (f", AMP {st['amp']}, channels_last {st['channels_last']}" if title == "CUDA"
+                                           else "") + f"; primary clock: {st['primary_clock'].replace('_', ' ')}.", "",
+                  H.table(rows, cols), ""]
+    if mem := res.get("memory"):
         rows = []
         for kind, ref, runs in (("step", "plain", mem["steps"]), ("prune", "tp_direct", mem.get("prune", {}))):
-            for v, s in runs.items():
-                vs = "" if kind == "step" else " (vs tp_direct)"
-                rows.append({"work": f"{mem['steps_tag']} step: {v}" if kind == "step" else f"ResNet-50 prune: {v}",
-                             "setup MB": f"{s['setup_rss_mb']:.0f}", "peak MB": f"{s['peak_mb']:.0f}",
-                             "increase MB": f"{s['increase_mb']:.0f}", "peak ratio": f"{s['ratio_peak_vs_' + ref]:.3f}{vs}",
-                             "increase ratio": f"{s['ratio_increase_vs_' + ref]:.2f}{vs}",
-                             **({"GPU alloc MB": f"{s['gpu_peak_alloc_mb']:.0f}"}
-                                if kind == "step" and "gpu_peak_alloc_mb" in s else {})})
+            vs = "" if kind == "step" else " (vs tp_direct)"
+            rows += [{"work": f"{mem['steps_tag']} step: {v}" if kind == "step" else f"ResNet-50 prune: {v}",
+                      "setup MB": f"{s['setup_rss_mb']:.0f}", "peak MB": f"{s['peak_mb']:.0f}",
+                      "increase MB": f"{s['increase_mb']:.0f}", "peak ratio": f"{s['ratio_peak_vs_' + ref]:.3f}{vs}",
+                      "increase ratio": f"{s['ratio_increase_vs_' + ref]:.2f}{vs}",
+                      **({"GPU alloc MB": f"{s['gpu_peak_alloc_mb']:.0f}"} if "gpu_peak_alloc_mb" in s else {})}
+                     for v, s in runs.items()]
         cols = ["work", "setup MB", "peak MB", "increase MB", "peak ratio", "increase ratio"]
         lines += ["## (c) Peak memory", "", f"{mem['what']}; median of {mem['repeats']} fresh process(es) per variant.",
-                  "", H.table(rows, cols + (["GPU alloc MB"] if any("GPU alloc MB" in r for r in rows) else [])), ""]
+                  "", H.table(rows, cols + ["GPU alloc MB"] * any("GPU alloc MB" in r for r in rows)), ""]
     if not res.get("steps_cuda"):
         lines += ["No CUDA device was available for this run: the CUDA step ratios were not measured.", ""]
     return "\n".join(lines)
@@ -323,7 +311,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="seconds-scale run: few rounds, 64x64 ResNet-50 input")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steadier on a shared machine)")
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--batch", type=int, help="CPU step batch (default 128; quick 16)")
     ap.add_argument("--steps", type=int, help="steps per timed round")
     ap.add_argument("--repeats", type=int, help="interleaved rounds of step timing")
     ap.add_argument("--warmup", type=int, help="untimed steps per variant first")
@@ -340,12 +328,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out-dir", type=Path, default=H.HERE / "results")
     ap.add_argument("--name", default="cost", help="output file stem")
     args = ap.parse_args(argv)
-    for name, full, quick in (("steps", 2, 1), ("repeats", 15, 2), ("warmup", 2, 1), ("prune_repeats", 5, 2),
-                              ("image", 224, 64), ("mem_repeats", 3, 1), ("mem_steps", 3, 1)):
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
-    if args.quick and args.batch == 128:
-        args.batch = 16
+    H.fill_defaults(args, args.quick, batch=(128, 16), steps=(2, 1), repeats=(15, 2), warmup=(2, 1),
+                    prune_repeats=(5, 2), image=(224, 64), mem_repeats=(3, 1), mem_steps=(3, 1))
     return args
 
 

@@ -1,8 +1,6 @@
-"""Per-step overhead of regprune's Trainer against a bare hand-written PyTorch training loop.
-
-Both train the same architecture (same init) on the same pre-generated random batches with the same SGD settings;
-after a warm-up they run interleaved for `--repeats` rounds of `--steps` steps each. The median ms per step of
-each and their ratio are printed and written to benchmarks/results/engine_overhead.json.
+"""Per-step overhead of regprune's Trainer against a bare hand-written PyTorch training loop, on the same
+model, init, random batches and SGD settings, interleaved in rounds (see benchmarks/README.md). Writes
+benchmarks/results/engine_overhead.json.
 
     python benchmarks/engine_overhead.py --steps 50 --repeats 7 --model resnet20
 """
@@ -30,19 +28,6 @@ from regprune.models import create_model  # noqa: E402
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
 
 
-class CyclicBatches:
-    """A loader stand-in: `length` batches per epoch cycled from a fixed list, with no data-loading cost."""
-
-    def __init__(self, batches: list, length: int) -> None:
-        self.batches, self.length = batches, length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __iter__(self):
-        return (self.batches[i % len(self.batches)] for i in range(self.length))
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet20")
@@ -66,8 +51,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     cfg = TrainConfig(max_steps=0, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, device=str(device), amp=amp,
                       channels_last=args.channels_last, progress=False, eval_every_epoch=False, log_every=50)
-    trainer = Trainer(create_model(args.model, num_classes=10, in_channels=1).to(device),
-                      CyclicBatches(batches, args.steps), None, cfg)
+    epoch = [batches[i % len(batches)] for i in range(args.steps)]  # a loader without data-loading cost
+    trainer = Trainer(create_model(args.model, num_classes=10, in_channels=1).to(device), epoch, None, cfg)
     bare = H.Stepper("plain", device, batches, amp, args.channels_last, model=args.model, lr=LR)
 
     def run_trainer(n: int) -> None:  # the Trainer continues for n more steps

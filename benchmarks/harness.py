@@ -63,19 +63,11 @@ def hardware_info(device: str = "cpu") -> dict[str, Any]:
         "platform": platform.platform(), "machine": platform.machine(), "processor": cpu or "unknown",
         "python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
         "cpus_usable": usable_cpus(), "torch_threads": torch.get_num_threads(),
-        "cuda_available": torch.cuda.is_available(), "device": device}
-    if hasattr(os, "getloadavg"):
-        info["loadavg_1_5_15"] = [round(v, 2) for v in os.getloadavg()]
+        "cuda_available": torch.cuda.is_available(), "device": device,
+        "loadavg_1_5_15": [round(v, 2) for v in os.getloadavg()]}
     if torch.cuda.is_available():
         info.update(gpu=torch.cuda.get_device_name(0), cuda=torch.version.cuda)
     return info
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    vals = [float(v) for v in values]
-    if not vals:
-        return float("nan"), float("nan")
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
 def fmt_pm(mean: float, std: float, digits: int = 2) -> str:
@@ -86,6 +78,13 @@ def write_json(path: Path, obj: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     E.atomic_write_text(path, json.dumps(E.log.to_jsonable(obj), indent=1, allow_nan=True) + "\n")
     return path
+
+
+def fill_defaults(args: argparse.Namespace, quick: bool, **defaults: tuple[Any, Any]) -> None:
+    """Each option left unset (None) gets its (full run, quick run) default."""
+    for k, (full, q) in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, q if quick else full)
 
 
 def run_script(main: Callable[[], Any]) -> None:
@@ -165,17 +164,6 @@ def throughput(make_model: Callable[[], torch.nn.Module], batch: int, device: st
     torch.manual_seed(0)
     return {"train_img_s": img_per_s(make_model(), batch, steps=5, device=dev),
             "eval_img_s": img_per_s(make_model(), 256, train=False, steps=2, device=dev)}
-
-
-def choose_threads(make_model: Callable[[], torch.nn.Module], batch: int) -> int:
-    """The faster of 1 and all torch CPU threads for training (on a shared machine one thread often wins:
-    intra-op threads spin-wait for each other while other processes hold the cores); torch is left set to it."""
-    measured = {}
-    for n in sorted({1, usable_cpus()}):
-        torch.set_num_threads(n)
-        measured[n] = img_per_s(make_model(), batch)
-    torch.set_num_threads(best := max(measured, key=measured.get))
-    return best
 
 
 def make_batches(n: int, batch: int, device: torch.device | str, size: int = 28) -> list[tuple[torch.Tensor, ...]]:
@@ -283,10 +271,6 @@ class Bench:
     estimate: Callable[[Any, Any], dict[str, Any]] | None = None  # (settings, args) -> plan, for --dry-run
     dense_model: Callable[[Any], torch.nn.Module] | None = None     # settings -> dense model (thread probe)
 
-    @property
-    def settings_cls(self) -> type:
-        return type(self.scales[self.default_scale])
-
 
 def parse_args(bench: Bench, argv: list[str] | None) -> argparse.Namespace:
     """The common options, then the benchmark's; any option named like a Settings field overrides the preset."""
@@ -314,20 +298,17 @@ def parse_args(bench: Bench, argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _limit(name: str, text: str) -> int | None:
-    flag, t = "--" + name.replace("_", "-"), str(text).strip().lower()
-    if t in ("all", "none", "full"):
-        return None
-    if not t.isdigit() or int(t) < 1:
-        raise UserError(f"{flag}: expected an integer >= 1 or 'all', got {text!r}")
-    return int(t)
-
-
 def make_settings(bench: Bench, args: argparse.Namespace) -> Any:
     s = copy.deepcopy(bench.scales[args.scale])
     for f in dataclasses.fields(s):
-        if (v := getattr(args, f.name, None)) is not None:
-            setattr(s, f.name, _limit(f.name, v) if f.name.startswith("limit_") else list(v) if isinstance(v, list) else v)
+        if (v := getattr(args, f.name, None)) is None:
+            continue
+        if f.name.startswith("limit_"):  # an image count, or all of them
+            t = str(v).strip().lower()
+            if t not in ("all", "none", "full") and not (t.isdigit() and int(t) >= 1):
+                raise UserError(f"--{f.name.replace('_', '-')}: expected an integer >= 1 or 'all', got {v!r}")
+            v = None if t in ("all", "none", "full") else int(t)
+        setattr(s, f.name, list(v) if isinstance(v, list) else v)
     if not str(s.device).startswith("cuda"):
         s.amp = False
     if s.seeds < 1:
@@ -341,14 +322,6 @@ def make_settings(bench: Bench, args: argparse.Namespace) -> Any:
 def read_rows(done_f: Path, key: str) -> list[dict[str, Any]]:
     lines = done_f.read_text().splitlines() if done_f.exists() else []
     return [rec["row"] for rec in map(json.loads, filter(str.strip, lines)) if rec.get("key") == key]
-
-
-def _append_row(done_f: Path, key: str, row: dict[str, Any]) -> None:
-    with open(done_f, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        fh.write(json.dumps(E.log.to_jsonable({"key": key, "row": row})) + "\n")
-        fh.flush()
-        fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _job_name(bench: Bench, job: dict[str, Any]) -> str:
@@ -368,7 +341,8 @@ _WORKER: dict[str, Any] = {}
 def _worker_init(script: str, module: str, settings: dict[str, Any], work: str) -> None:
     torch.set_num_threads(1)
     bench = _import_script(script, module).BENCH
-    _WORKER.update(bench=bench, settings=bench.settings_cls(**settings), work=Path(work), ctx=None)
+    settings = type(bench.scales[bench.default_scale])(**settings)
+    _WORKER.update(bench=bench, settings=settings, work=Path(work), ctx=None)
 
 
 def _worker_run(job: dict[str, Any]) -> dict[str, Any]:
@@ -391,7 +365,9 @@ def run_pool(bench: Bench, s: Any, ctx: Any, work: Path, pending: list[dict[str,
         return True
 
     def finish(row: dict[str, Any]) -> None:
-        _append_row(done_f, key, row)
+        with open(done_f, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)  # released on close
+            fh.write(json.dumps(E.log.to_jsonable({"key": key, "row": row})) + "\n")
         log(f"{_job_name(bench, row)}: done in {row['wall_s']:.0f} s")
 
     if n_workers <= 1:
@@ -425,7 +401,13 @@ def main(bench: Bench, argv: list[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     deadline = time.time() + args.time_budget if args.time_budget is not None else None
     if s.threads == 0 and bench.dense_model is not None and str(s.device).startswith("cpu"):
-        s.threads = choose_threads(lambda: bench.dense_model(s), s.batch_size)
+        # the faster of 1 and all threads for training (on a shared machine one thread often wins: intra-op
+        # threads spin-wait for each other while other processes hold the cores)
+        speed = {}
+        for n in sorted({1, usable_cpus()}):
+            torch.set_num_threads(n)
+            speed[n] = img_per_s(bench.dense_model(s), s.batch_size)
+        s.threads = max(speed, key=speed.get)
     torch.set_num_threads(max(1, s.threads))
     jobs = bench.jobs(s)
     n_workers = min(args.jobs, max(1, len(jobs)))
@@ -470,7 +452,8 @@ def summarize(rows: list[dict[str, Any]], by: Sequence[str], metrics: Sequence[s
         g: dict[str, Any] = {**dict(zip(by, k)), "n_seeds": len(rs), "seeds": [r["seed"] for r in rs]}
         for m in metrics:
             vals = [r[m] for r in rs if r.get(m) is not None]
-            g[f"{m}_mean"], g[f"{m}_std"] = mean_std(vals) if vals else (None, None)
+            g[f"{m}_mean"], g[f"{m}_std"] = (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0) \
+                if vals else (None, None)
             g[f"{m}_values"] = vals
         out.append(g)
     return out
@@ -545,32 +528,6 @@ def save_fig(fig, path: Path, dpi: float | None = None) -> Path:
     fig.savefig(path, dpi=dpi)
     pyplot().close(fig)
     return path
-
-
-def plot_series(path: Path, summary: list[dict[str, Any]], x: Callable[[dict], float], metric: str, series: str,
-                order: Sequence[str], title: str, xlabel: str, ylabel: str, hline: tuple[float, str] | None = None,
-                dashed: Callable[[str], bool] = lambda name: False) -> Path:
-    """One errorbar line per `series` value (mean ± std of `metric` over seeds) against x(entry), log x axis."""
-    import matplotlib.ticker
-
-    fig, ax = pyplot().subplots(figsize=(7.5, 5))
-    markers = itertools.cycle("os^vD<>pP*hX")
-    for name in order:
-        gs = sorted((g for g in summary if g[series] == name and g[f"{metric}_mean"] is not None), key=x)
-        if gs:
-            ax.errorbar([x(g) for g in gs], [g[f"{metric}_mean"] for g in gs], yerr=[g[f"{metric}_std"] for g in gs],
-                        label=name, marker=next(markers), linestyle="--" if dashed(name) else "-", capsize=3)
-    if hline:
-        ax.axhline(hline[0], color="gray", linestyle=":", label=hline[1])
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}%"))
-    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    ax.set_xticks(sorted({x(g) for g in summary}))
-    ax.set(xlabel=xlabel, ylabel=ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="lower right")
-    return save_fig(fig, path, dpi=120)
 
 
 def write_outputs(res: dict[str, Any], out_dir: Path, stem: str, markdown: Callable[[dict], str],

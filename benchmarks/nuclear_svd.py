@@ -7,6 +7,7 @@ term, median of timed repeats with CUDA synchronisation; the three values must a
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -43,6 +44,7 @@ def terms(reg: SPMRegularizer, where: str) -> torch.Tensor:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     model = create_model("resnet20", num_classes=10, in_channels=1)

@@ -1,18 +1,13 @@
-"""regprune's pruning methods against Torch-Pruning's pruners, on the same trained network at the same MACs.
-
-One ResNet-20 (1-channel stem, `--width` channels in its first stage) is trained once on Fashion-MNIST; for every
-MACs target and seed a copy is pruned by each method, BN statistics re-estimated, and fine-tuned so that every row
-gets the same total training (reg_iters + ft_iters; `l1_same_ft` gets only ft_iters: the GReg paper's comparison
-at equal fine-tuning). Methods: l1, l1_group (regprune one-shot L1, filter / group criterion), greg1, greg2 and
-their `_group` variants (GReg with penalty and criterion "group"), tp_bnscale, tp_groupnorm, tp_growingreg
-(Torch-Pruning's sparse-training pruners, driven as its recipe does); optional: tp_magnitude, spm, l1_same_ft.
+"""regprune's pruning methods against Torch-Pruning's pruners: one trained ResNet-20 (1-channel stem) on
+Fashion-MNIST, pruned by every method to the same MACs and fine-tuned to the same total training (see
+benchmarks/README.md for the protocol and how to read the tables).
 
     python benchmarks/peers.py --scale smoke                    # seconds; what tests/test_peers.py runs
     python benchmarks/peers.py --scale cpu --jobs 2 --dry-run   # the plan and a time estimate
     python benchmarks/peers.py --scale cpu --jobs 2             # about an hour on 2 CPU cores
     python benchmarks/peers.py --scale gpu --jobs 12            # all 70,000 images, one GPU, 12 workers
 
-Writes benchmarks/results/peers_<scale>.{md,json} and peers_<scale>.png (accuracy against MACs).
+Writes benchmarks/results/peers_<scale>.{md,json,png}.
 """
 
 from __future__ import annotations
@@ -42,6 +37,7 @@ from regprune.counting import count_macs, count_params  # noqa: E402
 from regprune.data import load_data, make_loaders  # noqa: E402
 from regprune.errors import UserError  # noqa: E402
 from regprune.graph import CUSTOM_PRUNERS, analyze  # noqa: E402
+from regprune.jobs.common import evaluate_on  # noqa: E402
 from regprune.methods.greg import GRegConfig  # noqa: E402
 from regprune.models.cifar import CifarResNet  # noqa: E402
 from regprune.ratios import make_plan  # noqa: E402
@@ -52,11 +48,11 @@ SPARSE_TP = ("tp_bnscale", "tp_groupnorm", "tp_growingreg")
 L1_METHODS = ("l1", "l1_group", "l1_same_ft")
 DEFAULT_METHODS = ("l1", "l1_group", *GREG_METHODS, *SPARSE_TP)
 METHODS = (*DEFAULT_METHODS, "tp_magnitude", "spm", "l1_same_ft")
-TP_METHODS = tuple(m for m in METHODS if m.startswith("tp_"))
 TRAINS_BEFORE_REMOVAL = (*GREG_METHODS, *SPARSE_TP, "spm")
 REFERENCE = "l1"  # what every method is compared against in the table's `vs l1` column
 TRAINER_OVERHEAD = 1.15  # bare training throughput / the Trainer's steps with loaders, augmentation and hooks
 JOB_FIXED_S = 6.0        # per job: model load, graph analysis, TP pruner construction, BN recalibration
+X1 = torch.zeros(1, *H.INPUT_SHAPE)  # the example input of tracing and counting
 
 
 @dataclass
@@ -125,10 +121,6 @@ def dense_model(s: Settings) -> nn.Module:
     return CifarResNet(int(s.model.removeprefix("resnet")), num_classes=10, in_channels=1, option="A", width=s.width)
 
 
-def example_input() -> torch.Tensor:
-    return torch.zeros(1, *H.INPUT_SHAPE)
-
-
 def fit(s: Settings, model: nn.Module, loader, seed: int, phase: str, test_loader=None, hooks=(),
         extra_param_groups=None, **kw) -> E.Trainer:
     """regprune's Trainer on the run's settings (`kw` overrides them); the model is left on the CPU."""
@@ -142,10 +134,7 @@ def fit(s: Settings, model: nn.Module, loader, seed: int, phase: str, test_loade
 
 
 def evaluate(model: nn.Module, loader, device: str) -> float:
-    try:
-        return E.evaluate(model.to(E.resolve_device(device)), loader, E.resolve_device(device))["top1"]
-    finally:
-        model.cpu()
+    return evaluate_on(model, loader, device)["top1"]
 
 
 # ---------------------------------------------------------------------------------------------- base
@@ -166,23 +155,18 @@ def prepare(s: Settings, work: Path) -> dict[str, Any]:
         curve, cycles, best = [], [], float("nan")
         reason = "no further cycles at this scale" if s.base_max_cycles == 0 else "cycle limit reached"
         for c in range(s.base_max_cycles + 1):
-            tr = fit(s, model, train_loader, c, "base" if c == 0 else f"base_cycle{c}", test_loader,
-                     epochs=s.base_epochs if c == 0 else s.base_cycle_epochs,
-                     lr=s.base_lr if c == 0 else s.base_cycle_lr, lr_schedule="cosine")
-            part = [{"epoch": len(curve) + i + 1, "test_top1": r["test_top1"]} for i, r in enumerate(
-                r for r in tr.metrics if r.get("kind") == "epoch" and "test_top1" in r)]
-            curve += part
-            top = max((p["test_top1"] for p in part), default=float("nan"))
-            if c == 0:
-                best = top
-                log(f"base: {s.base_epochs:g} epochs, best test top-1 {best:.2f}")
-                continue
-            cycles.append({"cycle": c, "best_top1": top, "gain": top - best})
-            log(f"base: cycle {c}: best {top:.2f} ({top - best:+.2f})")
-            if top - best < s.plateau_tol:
-                reason = f"a {s.base_cycle_epochs:g}-epoch cycle raised the best test top-1 by < {s.plateau_tol} points"
-                best = max(best, top)
-                break
+            tr = fit(s, model, train_loader, c, f"base_cycle{c}" if c else "base", test_loader, lr_schedule="cosine",
+                     epochs=s.base_cycle_epochs if c else s.base_epochs, lr=s.base_cycle_lr if c else s.base_lr)
+            part = [r["test_top1"] for r in tr.metrics if r.get("kind") == "epoch" and "test_top1" in r]
+            curve += [{"epoch": len(curve) + i + 1, "test_top1": v} for i, v in enumerate(part)]
+            top = max(part, default=float("nan"))
+            log(f"base: cycle {c}: best test top-1 {top:.2f}")
+            if c:
+                cycles.append({"cycle": c, "best_top1": top, "gain": top - best})
+                if top - best < s.plateau_tol:
+                    reason = f"a {s.base_cycle_epochs:g}-epoch cycle raised the best test top-1 by < {s.plateau_tol} points"
+                    best = max(best, top)
+                    break
             best = top
         top1 = evaluate(model, test_loader, s.device)
         save_model(model, f, {"dataset": bundle.name, "top1": top1})
@@ -191,22 +175,22 @@ def prepare(s: Settings, work: Path) -> dict[str, Any]:
         E.atomic_write_text(meta_f, json.dumps(meta, indent=1))
     m, _ = load_model(f, model=dense_model(s))
     return {"bundle": bundle, "base_file": f,
-            "base": {**meta, "macs": count_macs(m, example_input()), "params": count_params(m)}}
+            "base": {**meta, "macs": count_macs(m, X1), "params": count_params(m)}}
 
 
 # ---------------------------------------------------------------------------------------------- Torch-Pruning
 class TPSparseHook:
-    """Torch-Pruning's sparse-training calls inside regprune's Trainer: regularize() after every backward, and for
-    GrowingRegPruner update_reg() every `update_every` steps."""
+    """Torch-Pruning's sparse training inside regprune's Trainer: regularize() after every backward; for
+    GrowingRegPruner also update_reg() every `every` steps."""
 
-    def __init__(self, pruner, model: nn.Module, update_every: int) -> None:
-        self.pruner, self.model, self.update_every, self.updates = pruner, model, max(1, update_every), 0
+    def __init__(self, pruner, model: nn.Module, every: int) -> None:
+        self.pruner, self.model, self.every, self.updates = pruner, model, max(1, every), 0
 
     def after_backward(self, trainer) -> None:
         self.pruner.regularize(self.model)
 
     def on_step_end(self, trainer) -> None:
-        if isinstance(self.pruner, tp.pruner.GrowingRegPruner) and trainer.step % self.update_every == 0:
+        if isinstance(self.pruner, tp.pruner.GrowingRegPruner) and trainer.step % self.every == 0:
             self.pruner.update_reg()
             self.updates += 1
 
@@ -323,7 +307,7 @@ def run_one(s: Settings, ctx: dict[str, Any], job: dict[str, Any]) -> dict[str, 
     the recalibrated model to the common total of training; evaluate."""
     target, method, seed = job["target"], job["method"], job["seed"]
     model, _ = load_model(ctx["base_file"], model=dense_model(s))
-    x = example_input()
+    x = X1
     dense_macs, dense_params = count_macs(model, x), count_params(model)
     E.seed_everything(seed)
     train_loader, test_loader = make_loaders(ctx["bundle"], s.batch_size, workers=s.workers, seed=seed)
@@ -351,7 +335,7 @@ def run_one(s: Settings, ctx: dict[str, Any], job: dict[str, Any]) -> dict[str, 
            "removal_recal_top1": removal_recal, "recal_batches": used, "ft_iters": done,
            "total_iters": info["reg_iters"] + done, "macs": macs, "macs_fraction": macs / dense_macs,
            "macs_gap": macs / dense_macs / target - 1.0, "params": params, "params_fraction": params / dense_params,
-           "scope": "all groups" if method == "spm" or (method in TP_METHODS and s.tp_scope == "all")
+           "scope": "all groups" if method == "spm" or (method.startswith("tp_") and s.tp_scope == "all")
            else "block-internal", "prune_phase_s": t_prune, "ft_s": t_ft, **info}
     if plain is not None:
         _finetune(s, plain, train_loader, seed, ft_iters)
@@ -366,12 +350,12 @@ def _finetune(s: Settings, model: nn.Module, loader, seed: int, iters: int) -> i
 
 
 def estimate(s: Settings, args) -> dict[str, Any]:
-    """Wall time from measured throughput of one process (dense: base and training before removal; L1-pruned at
-    each target: fine-tuning and evaluation), times TRAINER_OVERHEAD, plus JOB_FIXED_S per job."""
+    """Wall time from the throughput of one process measured now (dense: base and training before removal;
+    L1-pruned at each target: fine-tuning and evaluation), times TRAINER_OVERHEAD, plus JOB_FIXED_S per job."""
     n_train, n_test = s.limit_train or 60000, s.limit_test or 10000
     torch.set_num_threads(max(1, s.threads))
     dense = H.throughput(lambda: dense_model(s), s.batch_size, device=s.device)
-    pruned = {t: H.throughput(lambda: rp_prune(dense_model(s), example_input(), target_macs=t).model, s.batch_size,
+    pruned = {t: H.throughput(lambda: rp_prune(dense_model(s), X1, target_macs=t).model, s.batch_size,
                               device=s.device) for t in s.targets}
     all_jobs = jobs(s)
     workers = min(args.jobs, len(all_jobs))
@@ -391,8 +375,7 @@ def estimate(s: Settings, args) -> dict[str, Any]:
             "total_min": total / 60,
             "summary": f"estimated {total / 60:.0f} min ({base_s / 60:.0f} base + {jobs_s / 60:.0f} for "
                        f"{len(all_jobs)} jobs on {workers} worker(s)) at {dense['train_img_s']:.0f} dense train img/s "
-                       f"and {dense['eval_img_s']:.0f} eval img/s per process, measured now; other load on the "
-                       "machine slows it"}
+                       f"and {dense['eval_img_s']:.0f} eval img/s per process, measured now; other load slows it"}
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -413,77 +396,58 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _pm(g: dict[str, Any], m: str) -> str:
-    return "-" if g.get(f"{m}_mean") is None else fmt_pm(g[f"{m}_mean"], g[f"{m}_std"])
-
-
-def _ratio(v: float | None) -> str:
-    return "-" if v is None else f"{v:.3g}"
-
-
-def _vs_ref(res: dict[str, Any], g: dict[str, Any], metric: str) -> str:
-    c = next((c for c in res["comparisons"][metric] if c["target"] == g["target"]
-              and {c["a"], c["b"]} == {REFERENCE, g["method"]} and c["a"] != c["b"]), None)
-    if c is None:
-        return ""
-    return f"{c['diff'] if c['a'] == g['method'] else -c['diff']:+.2f}" + (" *" if c["exceeds_spread"] else "")
+def num(v: float | None, f: str = "{:.3g}") -> str:
+    return "-" if v is None else f.format(v)
 
 
 def markdown(res: dict[str, Any]) -> str:
     s, base, d = res["settings"], res["base"], res["data"]
-    lines = H.header_lines(res, "Peers at the same MACs: ResNet-20 on Fashion-MNIST")
-    lines += [f"Data: {d['train']} training / {d['test']} test images"
-              + (" (the whole test set)" if d["test"] == 10000 else " (NOT the whole test set)")
-              + f". Network: ResNet-20, width {s['width']} ({base['macs'] / 1e6:.2f} MMACs, "
-              f"{base['params'] / 1e6:.3f} M params). Base: {base['epochs']} epoch(s) ({base['stopped_because']}; "
-              f"plateaued: {base['plateaued']}), test top-1 {base['top1']:.2f}. Torch-Pruning "
-              f"{res.get('torch_pruning', '?')}, scope {s['tp_scope']}.", "",
-              f"Training: every method that trains before removal gets {s['reg_iters']} iterations at lr "
-              f"{s['reg_lr']:g} (GReg: the library's budget-aware schedule for this budget, lr and momentum; it may "
-              f"stop earlier by its magnitude-ratio rule). Every row's fine-tuning brings its total to "
-              f"{s['reg_iters'] + s['ft_iters']} iterations (lr {s['ft_lr']:g} {s['ft_schedule']}, batch "
-              f"{s['batch_size']}): L1 and Group-L1 fine-tune for all of it"
-              + (f" (`l1_same_ft`: {s['ft_iters']} only)" if "l1_same_ft" in s["methods"] else "")
-              + f". Right after removal every model's BN statistics are re-estimated on {s['recal_batches']} "
-              f"training batches; fine-tuning starts from that model. {s['seeds']} seed(s) (data order and "
-              "augmentation of every phase after the base).", ""]
+    pm = lambda g, m: "-" if g.get(f"{m}_mean") is None else fmt_pm(g[f"{m}_mean"], g[f"{m}_std"])  # noqa: E731
+
+    def vs_ref(g: dict[str, Any], metric: str) -> str:
+        c = next((c for c in res["comparisons"][metric] if c["target"] == g["target"]
+                  and {c["a"], c["b"]} == {REFERENCE, g["method"]} and c["a"] != c["b"]), None)
+        return "" if c is None else (f"{c['diff'] if c['a'] == g['method'] else -c['diff']:+.2f}"
+                                     + (" *" if c["exceeds_spread"] else ""))
+
     after, removal = [], []
     for g in res["summary"]:
-        t, m = f"{1 / g['target']:g}x", g["method"]
-        after.append({"target": t, "method": m, "seeds": g["n_seeds"], "top-1 after FT": _pm(g, "top1"),
-                      f"vs {REFERENCE}": _vs_ref(res, g, "top1"),
-                      "per seed": " ".join(f"{v:.2f}" for v in g["top1_values"]),
-                      "removal (recal)": _pm(g, "removal_recal_top1"), "reg iters": f"{g['reg_iters_mean']:.0f}",
+        key = {"target": f"{1 / g['target']:g}x", "method": g["method"]}
+        after.append({**key, "seeds": g["n_seeds"], "top-1 after FT": pm(g, "top1"),
+                      f"vs {REFERENCE}": vs_ref(g, "top1"), "per seed": " ".join(f"{v:.2f}" for v in g["top1_values"]),
+                      "removal (recal)": pm(g, "removal_recal_top1"), "reg iters": f"{g['reg_iters_mean']:.0f}",
                       "total iters": f"{g['total_iters_mean']:.0f}",
-                      "kept/pruned ratio (min)": _ratio(g["min_mag_ratio_mean"]),
-                      "predicted ratio": _ratio(g["predicted_ratio_mean"]),
-                      "overlap with L1": "-" if g["overlap_l1_mean"] is None else f"{100 * g['overlap_l1_mean']:.0f}%",
+                      "kept/pruned ratio (min)": num(g["min_mag_ratio_mean"]),
+                      "predicted ratio": num(g["predicted_ratio_mean"]),
+                      "overlap with L1": num(g["overlap_l1_mean"] and 100 * g["overlap_l1_mean"], "{:.0f}%"),
                       "MACs kept": f"{100 * g['macs_fraction_mean']:.1f}%"})
-        removal.append({"target": t, "method": m, "removal, no recal": _pm(g, "removal_top1"),
-                        f"vs {REFERENCE} (no recal)": _vs_ref(res, g, "removal_top1"),
-                        "removal, BN recal": _pm(g, "removal_recal_top1"),
-                        f"vs {REFERENCE} (recal)": _vs_ref(res, g, "removal_recal_top1"),
-                        **({"after FT, no recal": _pm(g, "top1_without_recal")}
+        removal.append({**key, "removal, no recal": pm(g, "removal_top1"),
+                        f"vs {REFERENCE} (no recal)": vs_ref(g, "removal_top1"),
+                        "removal, BN recal": pm(g, "removal_recal_top1"),
+                        f"vs {REFERENCE} (recal)": vs_ref(g, "removal_recal_top1"),
+                        **({"after FT, no recal": pm(g, "top1_without_recal")}
                            if g.get("top1_without_recal_mean") is not None else {})})
-    lines += ["## Top-1 after fine-tuning (BN recalibrated at removal, every row alike)", "", H.table(after), "",
-              f"`vs {REFERENCE}`: difference of mean top-1 from one-shot L1 at the same target; `*` marks a difference "
-              "larger than the seed spread (std a + std b), a rough screen, not a significance test. `kept/pruned "
-              "ratio (min)`: the smallest per-layer ratio of kept to pruned filter magnitude GReg measured at removal "
-              "(mean over seeds; the paper's rule aims at 1000); `predicted ratio`: what `GRegConfig.predict` expects "
-              "of the schedule; `overlap with L1`: the fraction of GReg-2's picks equal to L1's.", "",
-              "## Top-1 right after removal, without and with BN recalibration", "", H.table(removal), "",
-              "## What this run can and cannot say", ""] + [f"- {n}" for n in res["notes"]] + [""]
-    return "\n".join(lines)
+    return "\n".join(H.header_lines(res, "Peers at the same MACs: ResNet-20 on Fashion-MNIST") + [
+        f"Data: {d['train']} training / {d['test']} test images"
+        + (" (the whole test set)" if d["test"] == 10000 else " (NOT the whole test set)")
+        + f". Network: ResNet-20, width {s['width']} ({base['macs'] / 1e6:.2f} MMACs, {base['params'] / 1e6:.3f} M "
+        f"params). Base: {base['epochs']} epoch(s) ({base['stopped_because']}; plateaued: {base['plateaued']}), test "
+        f"top-1 {base['top1']:.2f}. Torch-Pruning {res.get('torch_pruning', '?')}, scope {s['tp_scope']}.", "",
+        f"Training: {s['reg_iters']} iterations at lr {s['reg_lr']:g} before removal where a method trains then, "
+        f"{s['reg_iters'] + s['ft_iters']} in total for every row"
+        + (f" (`l1_same_ft`: {s['ft_iters']})" if "l1_same_ft" in s["methods"] else "")
+        + f"; fine-tuning lr {s['ft_lr']:g} {s['ft_schedule']}, batch {s['batch_size']}; BN statistics re-estimated "
+        f"on {s['recal_batches']} training batches at removal; {s['seeds']} seed(s). Columns: benchmarks/README.md.", "",
+        "## Top-1 after fine-tuning (BN recalibrated at removal, every row alike)", "", H.table(after), "",
+        "## Top-1 right after removal, without and with BN recalibration", "", H.table(removal), "",
+        "## What this run can and cannot say", ""] + [f"- {n}" for n in res["notes"]] + [""])
 
 
 def notes(res: dict[str, Any]) -> list[str]:
-    out: list[str] = []
     s, comps = res["settings"], res["comparisons"]["top1"]
-    for c in comps:
-        pair = {c["a"], c["b"]}
-        if (c["a"] in GREG_METHODS) != (c["b"] in GREG_METHODS) and pair & {*SPARSE_TP, *L1_METHODS}:
-            out.append(f"{1 / c['target']:g}x, {c['a']} vs {c['b']}: {c['diff']:+.2f} points (spread "
-                       f"{c['spread']:.2f}): {H.verdict(c)}" + ("; same sign on every seed." if c["paired_same_sign"] else "."))
+    out = [f"{1 / c['target']:g}x, {c['a']} vs {c['b']}: {c['diff']:+.2f} points (spread {c['spread']:.2f}): "
+           f"{H.verdict(c)}" + ("; same sign on every seed." if c["paired_same_sign"] else ".") for c in comps
+           if (c["a"] in GREG_METHODS) != (c["b"] in GREG_METHODS) and {c["a"], c["b"]} & {*SPARSE_TP, *L1_METHODS}]
     if not any(c["exceeds_spread"] for c in comps):
         out.append("No pair of methods differs by more than the spread of its seeds after fine-tuning: this run does "
                    "not rank them.")
@@ -491,7 +455,7 @@ def notes(res: dict[str, Any]) -> list[str]:
         at = f"{1 / g['target']:g}x {g['method']}"
         if g["mag_ratio_goal_met"] is False:
             out.append(f"{at}: the goal of a kept/pruned magnitude ratio of 1000 in every layer was not met (smallest "
-                       f"ratio {_ratio(g['min_mag_ratio_mean'])}, mean over seeds).")
+                       f"ratio {num(g['min_mag_ratio_mean'])}, mean over seeds).")
         out += [f"{at}: the library warns about this schedule: {w}" for w in g["schedule_warnings"]]
     if res["macs_gap_max"] > 0.03:
         out.append(f"Achieved MACs miss their target by up to {100 * res['macs_gap_max']:.1f}%.")
@@ -522,13 +486,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "wall_time_s": r["wall_time_s"]}
     res["notes"] = notes(res)
 
-    def plot(out: Path) -> None:
-        H.plot_series(out / f"peers_{s.scale}.png", summary, lambda g: 100 * g["macs_fraction_mean"], "top1", "method",
-                      METHODS, f"ResNet-20 (width {s.width}) / Fashion-MNIST: regprune (solid) vs Torch-Pruning (dashed)",
-                      "MACs kept (% of dense, log scale)", "test top-1 after fine-tuning (%), mean ± std over seeds",
-                      hline=(base["top1"], f"dense base ({base['top1']:.2f})"), dashed=lambda m: m.startswith("tp_"))
+    return H.write_outputs(res, r["args"].out_dir, f"peers_{s.scale}", markdown,
+                           [lambda out: plot(out / f"peers_{s.scale}.png", summary, s.width, base["top1"])])
 
-    return H.write_outputs(res, r["args"].out_dir, f"peers_{s.scale}", markdown, [plot])
+
+def plot(path: Path, summary: list[dict[str, Any]], width: int, base_top1: float) -> Path:
+    """Top-1 after fine-tuning (mean ± std over seeds) against the MACs kept, one line per method (log x axis)."""
+    import matplotlib.ticker
+
+    fig, ax = H.pyplot().subplots(figsize=(7.5, 5))
+    x = lambda g: 100 * g["macs_fraction_mean"]  # noqa: E731
+    for m, marker in zip(METHODS, "os^vD<>pP*hX"):
+        if gs := sorted((g for g in summary if g["method"] == m and g["top1_mean"] is not None), key=x):
+            ax.errorbar([x(g) for g in gs], [g["top1_mean"] for g in gs], yerr=[g["top1_std"] for g in gs], label=m,
+                        marker=marker, linestyle="--" if m.startswith("tp_") else "-", capsize=3)
+    ax.axhline(base_top1, color="gray", linestyle=":", label=f"dense base ({base_top1:.2f})")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}%"))
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xticks(sorted({x(g) for g in summary}))
+    ax.set(xlabel="MACs kept (% of dense, log scale)", ylabel="test top-1 after fine-tuning (%), mean ± std over seeds")
+    ax.set_title(f"ResNet-20 (width {width}) / Fashion-MNIST: regprune (solid) vs Torch-Pruning (dashed)", fontsize=10)
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right")
+    return H.save_fig(fig, path, dpi=120)
 
 
 BENCH = H.Bench(name="peers", doc=__doc__, scales=SCALES, methods=METHODS, script=Path(__file__).resolve(),

@@ -1,12 +1,5 @@
-"""Realised speedup: how much of a pruned network's MACs reduction shows up as forward time, per runtime.
-
-torchvision ResNet-50 (`[0,0.6,0.6,0.6,0.21,0]`, 2.31x fewer MACs, 224x224) and CIFAR ResNet-56
-(`[0,0.75,0.75,0.32,0]`, 2.55x, 32x32), pruned by `regprune.prune` as given and with `round_to=8`, timed against
-the dense network interleaved in the same rounds (`regprune.report.measure_interleaved`) at batch 1 and 64 under
-eager, channels_last, `torch.compile` (compile time recorded apart) and ONNX Runtime (export checked with
-`regprune.export.check_onnx`); `--cuda`: eager fp32, channels_last + AMP and a CUDA graph. Per row: median ± IQR,
-realised and MACs speedup, their ratio and `regprune.report.latency_verdict`. Goal: realised / MACs >= 0.9 on the
-best runtime at batch 64.
+"""Realised speedup: how much of a pruned network's MACs reduction shows up as forward time, per runtime
+(networks, runtimes and the report are described in benchmarks/README.md).
 
     OMP_NUM_THREADS=2 python benchmarks/speedup.py           # 15-25 min on 2 shared CPU cores
     OMP_NUM_THREADS=2 python benchmarks/speedup.py --quick   # ResNet-56 + ResNet-50 at 64x64, batch 1 and 8
@@ -27,9 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-# Spinning OpenMP threads wait for a thread the scheduler gave another job's core: on the shared 2-core machine a
-# 2-thread forward then took ~70x longer, dense and pruned alike. Passive waiting must be set before torch loads;
-# a policy given in the environment is kept.
+# spinning OpenMP threads wait for cores other jobs hold (~70x slower on the loaded 2-core machine): passive
+# waiting, set before torch loads unless the environment gives a policy
 OMP_WAIT_POLICY_SET_HERE = "OMP_WAIT_POLICY" not in os.environ and "torch" not in sys.modules
 if OMP_WAIT_POLICY_SET_HERE:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
@@ -116,29 +108,31 @@ def cuda_graph(fn: Callable[[], Any]) -> Any:
 
 
 class Runtimes:
-    """Per network: prepares each runtime once (copies, compiled modules, ONNX sessions); fns(path, x) gives
-    (name -> zero-argument forward, name -> error)."""
+    """Each runtime prepared once per network (channels_last copies, compiled modules, exported and checked ONNX
+    sessions); fns(path, x) gives (name -> zero-argument forward, name -> error)."""
 
-    def __init__(self, models: dict[str, nn.Module], size: int, tmp: Path) -> None:
-        self.models, self.size, self.tmp = models, size, tmp
-        self.notes: dict[str, Any] = {}
-        self._cl: dict[str, nn.Module] | None = None
-        self._compiled: dict[str, Any] | None = None
-        self._sessions: dict[str, Any] | None = None
-        self._graphs: dict[tuple[str, int], Any] = {}
+    def __init__(self, models: dict[str, nn.Module], size: int, tmp: Path, paths: tuple[str, ...]) -> None:
+        self.models, self.notes, self.graphs = models, {}, []
+        self.cl = {k: copy.deepcopy(m).to(memory_format=torch.channels_last) for k, m in models.items()
+                   if {"channels_last", *CUDA_PATHS[1:]} & set(paths)}
+        if "compile" in paths:
+            self.compiled = {k: torch.compile(m, backend="inductor", dynamic=False) for k, m in models.items()}
+            self.notes["compile"] = {"backend": "inductor", "dynamic": False, "input": "NCHW",
+                                     "compile_s": {}, "max_rel_diff_vs_eager": {}, "errors": {}}
+        if "onnxruntime" in paths:
+            self.sessions = self._ort_sessions(size, tmp)
 
     def fns(self, path: str, x: torch.Tensor) -> tuple[dict[str, Callable[[], Any]], dict[str, str]]:
-        if path in ("eager", "cuda_eager"):
-            return {k: (lambda m=m: m(x)) for k, m in self.models.items()}, {}
+        xc = x.contiguous(memory_format=torch.channels_last)
+        if path in ("eager", "cuda_eager", "channels_last"):
+            models, xin = (self.cl, xc) if path == "channels_last" else (self.models, x)
+            return {k: (lambda m=m: m(xin)) for k, m in models.items()}, {}
         if path == "compile":
             return self._compile_fns(x)
         if path == "onnxruntime":
-            return self._ort_fns(x)
-        if self._cl is None:
-            self._cl = {k: copy.deepcopy(m).to(memory_format=torch.channels_last) for k, m in self.models.items()}
-        xc = x.contiguous(memory_format=torch.channels_last)
-        if path == "channels_last":
-            return {k: (lambda m=m: m(xc)) for k, m in self._cl.items()}, {}
+            feed = x.detach().cpu().numpy()
+            return ({k: (lambda s=s: s.run(None, {s.get_inputs()[0].name: feed})) for k, s in self.sessions.items()},
+                    dict(self.notes["onnxruntime"]["errors"]))
 
         def amp(m: nn.Module) -> Callable[[], Any]:
             def f() -> Any:
@@ -147,26 +141,22 @@ class Runtimes:
             return f
 
         if path == "cuda_channels_last_amp":
-            return {k: amp(m) for k, m in self._cl.items()}, {}
+            return {k: amp(m) for k, m in self.cl.items()}, {}
         fns, errors = {}, {}  # cuda_graph
-        for k, m in self._cl.items():
+        for k, m in self.cl.items():
             try:
                 g = cuda_graph(amp(m))
             except Exception as exc:  # noqa: BLE001
                 errors[k] = _first_line(exc)
                 continue
-            self._graphs[(k, x.shape[0])] = (g, xc)  # keep the graph and its static input alive
+            self.graphs.append((g, xc))  # keep the graph and its static input alive
             fns[k] = g.replay
         return fns, errors
 
     def _compile_fns(self, x: torch.Tensor) -> tuple[dict[str, Callable[[], Any]], dict[str, str]]:
-        if self._compiled is None:
-            self._compiled = {k: torch.compile(m, backend="inductor", dynamic=False) for k, m in self.models.items()}
-            self.notes["compile"] = {"backend": "inductor", "dynamic": False, "input": "NCHW",
-                                     "compile_s": {}, "max_rel_diff_vs_eager": {}, "errors": {}}
         note, b = self.notes["compile"], str(x.shape[0])
         fns, errors = {}, {}
-        for k, c in self._compiled.items():
+        for k, c in self.compiled.items():
             if k in note["errors"]:  # failed at an earlier batch: do not spend the time again
                 errors[k] = note["errors"][k]
                 continue
@@ -184,39 +174,31 @@ class Runtimes:
             fns[k] = lambda c=c: c(x)
         return fns, errors
 
-    def _ort_fns(self, x: torch.Tensor) -> tuple[dict[str, Callable[[], Any]], dict[str, str]]:
+    def _ort_sessions(self, size: int, tmp: Path) -> dict[str, Any]:
+        """Each model exported once (dynamic batch axis), checked against PyTorch, loaded in ONNX Runtime."""
         from regprune.export import check_onnx, export_module, require_onnxruntime
 
-        if self._sessions is None:
-            self._sessions = {}
-            note = self.notes["onnxruntime"] = {"provider": "CPUExecutionProvider",
-                                                "intra_op_threads": torch.get_num_threads(), "export_s": {},
-                                                "check": {}, "errors": {}}
+        note = self.notes["onnxruntime"] = {"provider": "CPUExecutionProvider",
+                                            "intra_op_threads": torch.get_num_threads(), "export_s": {},
+                                            "check": {}, "errors": {}}
+        sessions, x1 = {}, torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+        for k, m in self.models.items():
+            t0 = time.perf_counter()
             try:
                 ort = require_onnxruntime()
-            except UserError as exc:
-                note["errors"] = {k: str(exc) for k in self.models}
-                return {}, dict(note["errors"])
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads, opts.inter_op_num_threads = torch.get_num_threads(), 1
-            if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":  # the same waiting as torch's threads
-                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                note["allow_spinning"] = False
-            x1 = torch.randn(1, 3, self.size, self.size, generator=torch.Generator().manual_seed(1))
-            for k, m in self.models.items():
-                f = self.tmp / f"{k}.onnx"
-                t0 = time.perf_counter()
-                try:
-                    export_module(copy.deepcopy(m).eval(), x1, f)  # dynamic batch axis: one file for every batch
-                    note["export_s"][k] = time.perf_counter() - t0
-                    note["check"][k] = check_onnx(f, m, (3, self.size, self.size), batch_sizes=(1, 2)).to_dict()
-                    self._sessions[k] = ort.InferenceSession(str(f), opts, providers=["CPUExecutionProvider"])
-                except Exception as exc:  # noqa: BLE001
-                    note["errors"][k] = _first_line(exc)
-                    log(f"    ONNX export/load of {k} failed: {note['errors'][k]}")
-        feed = x.detach().cpu().numpy()
-        fns = {k: (lambda s=s: s.run(None, {s.get_inputs()[0].name: feed})) for k, s in self._sessions.items()}
-        return fns, dict(self.notes["onnxruntime"]["errors"])
+                export_module(copy.deepcopy(m).eval(), x1, tmp / f"{k}.onnx")
+                note["export_s"][k] = time.perf_counter() - t0
+                note["check"][k] = check_onnx(tmp / f"{k}.onnx", m, (3, size, size), batch_sizes=(1, 2)).to_dict()
+                opts = ort.SessionOptions()
+                opts.intra_op_num_threads, opts.inter_op_num_threads = torch.get_num_threads(), 1
+                if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":  # the same waiting as torch's threads
+                    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                    note["allow_spinning"] = False
+                sessions[k] = ort.InferenceSession(str(tmp / f"{k}.onnx"), opts, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # noqa: BLE001  (onnxruntime missing, or an export that fails: a result)
+                note["errors"][k] = _first_line(exc) if not isinstance(exc, UserError) else str(exc)
+                log(f"    ONNX export/load of {k} failed: {note['errors'][k]}")
+        return sessions
 
 
 def measure_network(key: str, size: int, args: argparse.Namespace, device: torch.device,
@@ -229,16 +211,16 @@ def measure_network(key: str, size: int, args: argparse.Namespace, device: torch
         m.to(device)
     rows, raw = [], []
     with tempfile.TemporaryDirectory(prefix="regprune-speedup-") as tmp, torch.no_grad():
-        rt = Runtimes(models, size, Path(tmp))
+        rt = Runtimes(models, size, Path(tmp), paths)
         for b in args.batches:
             x = torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(b)).to(device)
             for path in paths:
                 log(f"  batch {b}, {PATH_LABELS[path]}")
                 fns, errors = rt.fns(path, x)
+                comp, meta = None, {}
                 if "dense" not in fns:
                     errors.setdefault("dense", "not measured")
-                comp, meta = None, {}
-                if "dense" in fns:
+                else:
                     try:
                         comp, meta = timed(fns, args)
                     except Exception as exc:  # noqa: BLE001  (a runtime that fails while running: record it)
@@ -267,66 +249,48 @@ def measure_network(key: str, size: int, args: argparse.Namespace, device: torch
     return info, rows, raw
 
 
+def short(reason: str) -> str:
+    """The verdict's reasons without the figures: 'load 7.4 on 2 CPUs; IQRs overlap'."""
+    return "; ".join(r.split(":", 1)[-1].strip() if r.startswith("machine busy") else "IQRs overlap"
+                     if r.startswith("interquartile") else r.split(",")[0] for r in reason.split("; ") if r)
+
+
 def goal_lines(rows: list[dict[str, Any]], networks: dict[str, Any], batch: int) -> tuple[list[str], list[dict[str, Any]]]:
     """Per network and variant: the runtime with the best realised / MACs at `batch`, and whether it meets GOAL."""
     lines, out = [], []
     for key, info in networks.items():
         for v in VARIANTS:
             cands = [r for r in rows if (r["network"], r["variant"], r["batch"]) == (key, v, batch) and "error" not in r]
-            name = f"{info['title']}, {v} ({info['macs_speedup'][v]:.2f}x fewer MACs)"
+            name = f"- {info['title']}, {v} ({info['macs_speedup'][v]:.2f}x fewer MACs): "
             if not cands:
-                lines.append(f"- {name}: nothing measured at batch {batch}.")
+                lines.append(f"{name}nothing measured at batch {batch}.")
                 out.append({"network": key, "variant": v, "batch": batch, "best_path": None, "met": False})
                 continue
             best = max(cands, key=lambda r: r["realised_over_macs"])
-            eff, label = best["realised_over_macs"], PATH_LABELS[best["path"]]
+            eff = best["realised_over_macs"]
             out.append({"network": key, "variant": v, "batch": batch, "best_path": best["path"],
                         "realised_over_macs": eff, "realised_speedup": best["realised_speedup"],
                         "stable": best["stable"], "met": eff >= GOAL})
-            tail = "" if best["stable"] else (" The measurement was unstable (" + _short(best["reason"]) +
-                                               "), so this figure is not a settled result.")
-            lines.append(f"- {name}: " + (f"met by {label}: realised " if eff >= GOAL else
-                                          f"the goal is not met. The closest is {label}: realised ")
-                         + f"{best['realised_speedup']:.2f}x, {eff:.2f} of the MACs speedup.{tail}")
+            lines.append(name + ("met by " if eff >= GOAL else "not met; closest: ") + PATH_LABELS[best["path"]]
+                         + f", realised {best['realised_speedup']:.2f}x, {eff:.2f} of the MACs speedup"
+                         + ("." if best["stable"] else f" (unstable: {short(best['reason'])})."))
     return lines, out
-
-
-def _short(reason: str) -> str:
-    """The verdict's reasons without the figures: 'load 7.4 on 2 CPUs; IQRs overlap'."""
-    parts = []
-    for r in filter(None, reason.split("; ")):
-        if r.startswith("machine busy"):
-            r = r.split(":", 1)[1].strip() if ":" in r else "machine busy"
-        elif r.startswith("interquartile"):
-            r = "IQRs overlap"
-        elif r.startswith("only"):
-            r = r.split(",")[0]
-        parts.append(r)
-    return "; ".join(parts)
 
 
 def markdown(res: dict[str, Any]) -> str:
     hw, s, ld, th = res["hardware"], res["settings"], res["load"], res["threads"]
+    gb = res["goal"]["batch"]
     lines = [f"# Realised speedup of pruned networks, {'GPU' if s['cuda'] else 'CPU'} "
              f"({'quick' if s['quick'] else 'full'} run)", "",
              f"Measured {res['date']} on {(hw['gpu'] + ' with ') if hw.get('gpu') else ''}{hw.get('processor')} "
              f"({hw.get('cpus_usable')} usable cores), torch {hw.get('torch')}, {th['torch']} torch "
              f"thread(s) (OMP_NUM_THREADS={th['OMP_NUM_THREADS']}, OMP_WAIT_POLICY={th['OMP_WAIT_POLICY']}"
              f"{' set by the script' if th['OMP_WAIT_POLICY_set_by_script'] else ''}). Load average (1/5/15 min) "
-             f"{ld['before']} before and {ld['after']} after; the highest 1-minute load read around a measurement "
-             f"was {ld['max_measured']:.1f}. Wall time {res['wall_time_s'] / 60:.1f} min.", "",
-             "Each row compares the dense network and a pruned one timed interleaved in the same rounds "
-             "(`regprune.report.measure_interleaved`), in the same runtime. Times are median ± IQR over rounds, "
-             "ms per forward; realised = dense / pruned (medians); MACs = dense / pruned MACs "
-             "(`regprune.counting.count_macs`); realised/MACs is the share of the MACs reduction that shows up "
-             "as time. `unstable` marks a verdict of `regprune.report.latency_verdict` that does not hold "
-             "(interquartile ranges overlap, too few rounds, or more than one runnable thread per CPU): "
-             "its ratio is what was measured, not a settled speedup.", ""]
-    if s["quick"]:
-        lines += ["Quick run: a check that the benchmark works, with small inputs and few rounds; its figures "
-                  "are not the benchmark's result.", ""]
-    gb = res["goal"]["batch"]
-    lines += [f"## Goal: realised/MACs >= {GOAL} on the best runtime at batch {gb}", ""]
+             f"{ld['before']} before and {ld['after']} after, at most {ld['max_measured']:.1f} around a measurement. "
+             f"Wall time {res['wall_time_s'] / 60:.1f} min. Times: median ± IQR over interleaved rounds, ms per "
+             "forward; the columns are explained in benchmarks/README.md."
+             + (" Quick run: a check that the benchmark works, not its result." if s["quick"] else ""), "",
+             f"## Goal: realised/MACs >= {GOAL} on the best runtime at batch {gb}", ""]
     if gb != GOAL_BATCH:
         lines += [f"(The goal is defined at batch {GOAL_BATCH}; this run's largest batch is {gb}.)", ""]
     lines += res["goal"]["lines"] + [""]
@@ -337,39 +301,31 @@ def markdown(res: dict[str, Any]) -> str:
                   f"`pruned_r8` (`round_to=8`): {ms['pruned_r8']:.2f}x fewer MACs, {p['dense'] / p['pruned_r8']:.2f}x "
                   "fewer parameters" + ("" if info.get("conv_widths_multiple_of", {}).get("pruned_r8", {}).get("all", True)
                                         else " (not every conv width is a multiple of 8: see the JSON)") + ".", ""]
-        rows = []
-        for r in (r for r in res["rows"] if r["network"] == key):
-            row = {"batch": r["batch"], "runtime": PATH_LABELS[r["path"]], "model": r["variant"]}
-            if "error" in r:
-                row.update({"dense ms": "failed", "verdict": r["error"][:80]})
-            else:
-                row.update({"dense ms": f"{r['dense_ms']:.2f} ± {r['dense_iqr_ms']:.2f}",
-                            "pruned ms": f"{r['pruned_ms']:.2f} ± {r['pruned_iqr_ms']:.2f}",
-                            "realised": f"{r['realised_speedup']:.2f}x", "MACs": f"{r['macs_speedup']:.2f}x",
-                            "realised/MACs": f"{r['realised_over_macs']:.2f}", "rounds": r["rounds"],
-                            "verdict": "stable" if r["stable"] else f"unstable ({_short(r['reason'])})"})
-            rows.append(row)
+        rows = [{"batch": r["batch"], "runtime": PATH_LABELS[r["path"]], "model": r["variant"]}
+                | ({"dense ms": "failed", "verdict": r["error"][:80]} if "error" in r else {
+                    "dense ms": f"{r['dense_ms']:.2f} ± {r['dense_iqr_ms']:.2f}",
+                    "pruned ms": f"{r['pruned_ms']:.2f} ± {r['pruned_iqr_ms']:.2f}",
+                    "realised": f"{r['realised_speedup']:.2f}x", "MACs": f"{r['macs_speedup']:.2f}x",
+                    "realised/MACs": f"{r['realised_over_macs']:.2f}", "rounds": r["rounds"],
+                    "verdict": "stable" if r["stable"] else f"unstable ({short(r['reason'])})"})
+                for r in res["rows"] if r["network"] == key]
         lines += [format_table(rows, ["batch", "runtime", "model", "dense ms", "pruned ms", "realised", "MACs",
                                       "realised/MACs", "rounds", "verdict"]), ""]
         c, o = info.get("runtimes", {}).get("compile"), info.get("runtimes", {}).get("onnxruntime")
-        fails = lambda d: " Failures: " + "; ".join(f"{k}: {e}" for k, e in d["errors"].items()) + "." if d["errors"] else ""  # noqa: E731
+        fails = lambda d: "".join(f" Failed: {k}: {e}." for k, e in d["errors"].items())  # noqa: E731
         if c:
             parts = [f"{k} " + ", ".join(f"batch {b}: {t:.0f} s" for b, t in v.items()) for k, v in c["compile_s"].items()]
             diff = max((d for v in c["max_rel_diff_vs_eager"].values() for d in v.values()), default=float("nan"))
-            lines += [f"torch.compile (inductor, static shapes, NCHW input): compile time per model and batch, not "
-                      f"in any timing: {'; '.join(parts) or 'none'}." + fails(c)
-                      + f" Largest |compiled - eager| output difference, relative to max |eager output|: {diff:.1e}.", ""]
+            lines += [f"torch.compile (inductor, static shapes, NCHW): compile time, not timed: {'; '.join(parts) or 'none'}"
+                      f". Largest |compiled - eager| / max |eager|: {diff:.1e}." + fails(c), ""]
         if o:
             chk = o["check"]
-            lines += [f"ONNX Runtime ({o['provider']}, {o['intra_op_threads']} intra-op thread(s)): each model exported "
-                      "once (opset 17, dynamic batch), export not timed; check against PyTorch "
+            lines += [f"ONNX Runtime ({o['provider']}, {o['intra_op_threads']} intra-op thread(s)), exported once "
+                      "(opset 17, dynamic batch), export not timed; check against PyTorch "
                       + ("passed" if chk and all(v["passed"] for v in chk.values()) else "FAILED or missing")
                       + (f" (largest relative difference {max(v['max_rel_diff'] for v in chk.values()):.1e})" if chk else "")
                       + "." + fails(o), ""]
-    if not s["cuda"]:
-        lines += ["GPU: not measured in this run (`--cuda` measures eager, channels_last + AMP and CUDA graphs "
-                  "on a CUDA device).", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + ([] if s["cuda"] else ["GPU: not measured in this run (`--cuda`).", ""]))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -392,18 +348,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out-dir", type=Path, default=H.HERE / "results")
     ap.add_argument("--name", help="output file stem (default speedup; --cuda: speedup_gpu; --quick: speedup_quick)")
     args = ap.parse_args(argv)
-    for name, full, quick in (("size", 224, 64), ("batches", [1, 64], [1, 8]), ("rounds", 15, 5),
-                              ("min_rounds", MIN_ROUNDS, 3), ("measure_budget_s", 60.0, 4.0), ("warmup", 2, 1),
-                              ("min_run_time", 0.05, 0.01)):
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
+    H.fill_defaults(args, args.quick, size=(224, 64), batches=([1, 64], [1, 8]), rounds=(15, 5),
+                    min_rounds=(MIN_ROUNDS, 3), measure_budget_s=(60.0, 4.0), warmup=(2, 1), min_run_time=(0.05, 0.01),
+                    name=("speedup" + "_gpu" * args.cuda, "speedup_quick" + "_gpu" * args.cuda))
     args.networks = args.networks or list(NETWORKS)
     args.paths = tuple(p for p in CPU_PATHS if p in (args.paths or CPU_PATHS))
     if args.threads is None:
         env = os.environ.get("OMP_NUM_THREADS", "2")
         args.threads = int(env) if env.isdigit() else 2
-    if args.name is None:
-        args.name = "speedup" + ("_quick" if args.quick else "") + ("_gpu" if args.cuda else "")
     if args.threads < 1 or args.size < 8 or min(args.batches) < 1 or args.rounds < 1 or args.min_rounds < 1:
         raise UserError("--threads, --batches, --rounds and --min-rounds must be >= 1 and --size >= 8")
     args.min_rounds = min(args.min_rounds, args.rounds)
@@ -418,7 +370,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     device = torch.device("cuda" if args.cuda else "cpu")
     paths = CUDA_PATHS if args.cuda else args.paths
-    loadavg = lambda: [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None  # noqa: E731
+    loadavg = lambda: [round(v, 2) for v in os.getloadavg()]  # noqa: E731
     load_before = loadavg()
     res: dict[str, Any] = {"benchmark": "speedup", "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
                            "hardware": H.hardware_info(device.type),
@@ -431,15 +383,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log(f"threads {args.threads}, load average {load_before}, runtimes {', '.join(paths)}, batches {args.batches}")
     networks, rows, raw = {}, [], []
     for key in args.networks:
-        info, r, m = measure_network(key, NETWORKS[key][4] or args.size, args, device, paths)
-        networks[key], rows, raw = info, rows + r, raw + m
+        networks[key], r, m = measure_network(key, NETWORKS[key][4] or args.size, args, device, paths)
+        rows, raw = rows + r, raw + m
     measured = [r["load"] for r in rows if r.get("load") is not None]
     res["load"] = {"before": load_before, "after": loadavg(), "cpus": os.cpu_count(),
-                   "max_measured": max(measured) if measured else float("nan")}
+                   "max_measured": max(measured, default=float("nan"))}
     res["networks"], res["rows"], res["measurements"] = networks, rows, raw
     gb = GOAL_BATCH if GOAL_BATCH in args.batches else max(args.batches)
     lines, per = goal_lines(rows, networks, gb)
-    res["goal"].update(batch=gb, lines=lines, results=per, met=all(p["met"] for p in per) if per else False)
+    res["goal"].update(batch=gb, lines=lines, results=per, met=bool(per) and all(p["met"] for p in per))
     return H.write_outputs(res, args.out_dir, args.name, markdown, t_start=t_start)
 
 

@@ -1,11 +1,6 @@
-"""Pruning from scratch (SPM) with and without its nuclear-norm loss, against L1 pruning, at one MACs target.
-
-Variants, each over several seeds, all through regprune's own jobs, at the same kept MACs fraction (default 0.41):
-`spm` (`regprune scratch` with its defaults and the library's budget snap at S_max, `--no-snap` turns it off),
-`spm_no_nuc` (the same with alpha_nuc = 0) and `l1` (a dense model trained for --epochs, pruned by L1 to the same
-MACs, fine-tuned for --ft-epochs; the scratch runs train --epochs + --ft-epochs, so every row gets the same total).
-Seed k fixes the initial weights and data order of every variant, so per-seed differences are paired; the l1 job
-trains its dense base first, reported as the `dense` row.
+"""SPM (pruning from scratch) with and without its nuclear-norm loss, against L1 pruning of a trained dense model,
+at one MACs target over several paired seeds, every variant with the same total epochs (benchmarks/README.md
+describes the variants and the report).
 
     python benchmarks/spm_ablation.py --scale smoke              # seconds; what the test runs
     nice -n 10 python benchmarks/spm_ablation.py --scale cpu     # ResNet-20, ~20 min on 2 quiet CPU cores
@@ -149,9 +144,8 @@ def estimate(s: Settings, args: argparse.Namespace) -> dict[str, Any]:
             scratch_dry_run(job_options(s, 0), spm_extra(s, v))
         else:
             print(f"  {v}: scratch settings {spm_settings(int(1e6), s.epochs + s.ft_epochs, spm_extra(s, v))}")
-    lp = plan["l1_plan"]
     print(f"  --- l1: ratios for {100 * s.target_macs:.1f}% of dense MACs (plan reaches "
-          f"{100 * lp['macs_fraction']:.2f}%): {lp['ratios']}", flush=True)
+          f"{100 * plan['l1_plan']['macs_fraction']:.2f}%): {plan['l1_plan']['ratios']}", flush=True)
     if str(s.device).startswith("cpu"):
         tp = H.throughput(lambda: _fresh(s.model), s.batch_size)
         tp["gated_train_img_s"] = H.img_per_s(_fresh(s.model), s.batch_size, variant="spm")  # the search's step
@@ -175,14 +169,13 @@ def run_one(s: Settings, ctx: dict[str, Any], job: dict[str, Any]) -> dict[str, 
     return run_spm(s, v, seed, path / v)
 
 
-def _metrics(run: Path, kind: str, phase: str | None = None) -> list[dict[str, Any]]:
-    return [r for r in E.read_metrics(Path(run) / E.METRICS_FILE)
-            if r.get("kind") == kind and (phase is None or r.get("phase") == phase)]
+def _metrics(run: Path, kind: str) -> list[dict[str, Any]]:
+    return [r for r in E.read_metrics(run / E.METRICS_FILE) if r.get("kind") == kind]
 
 
 def epoch_curve(run: Path, phase: str) -> list[dict[str, float]]:
     return [{"epoch": r["epoch"], "test_top1": r["test_top1"], "train_loss": r.get("loss")}
-            for r in _metrics(run, "epoch", phase) if "test_top1" in r]
+            for r in _metrics(run, "epoch") if r.get("phase") == phase and "test_top1" in r]
 
 
 def plateau(curve: list[dict[str, float]], tail: int = 3, tol: float = 0.3) -> dict[str, Any]:
@@ -251,11 +244,9 @@ def expand(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The job rows with each l1 job's dense base as a row of its own (the l1 row's wall time without it)."""
     out = []
     for r in rows:
-        if "dense" in r:
-            r = dict(r)
-            dense = r.pop("dense")
-            r["wall_s"] = round(r["wall_s"] - dense["wall_s"], 1)
-            out.append(dense)
+        if d := r.get("dense"):
+            out.append(d)
+            r = {**{k: v for k, v in r.items() if k != "dense"}, "wall_s": round(r["wall_s"] - d["wall_s"], 1)}
         out.append(r)
     return out
 
@@ -282,146 +273,96 @@ def summarize(rows: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
     return groups, comps
 
 
-def _cells(g: dict[str, Any]) -> tuple[str, str]:
-    """The training-epochs and notes cells of a variant's row."""
+def _row(g: dict[str, Any]) -> tuple:
     ep, v = g["epochs"], g["variant"]
+    notes = "-"
     if v.startswith("spm"):
         ends = ", ".join("?" if x is None else f"{x:.3f}" for x in g.get("search_macs_fraction_values", []))
-        return (f"{ep['total']:g}", f"the search itself ended at {ends} of dense MACs (per seed) before any S_max snap; "
-                f"reconfiguration max abs diff {g['reconfig_max_abs_diff_max']:.1e}")
-    if v == "l1":
-        return (f"{ep['total']:g} ({ep['base']:g} base + {ep['finetune']:g} fine-tune)",
-                f"top-1 right after removal, before fine-tuning: {g['before_ft_top1_mean']:.2f} (mean)")
-    return f"{ep['total']:g}", "-"
+        notes = f"search ended at {ends} of dense MACs before the snap; reconfiguration max abs diff " \
+                f"{g['reconfig_max_abs_diff_max']:.1e}"
+    elif v == "l1":
+        notes = f"top-1 right after removal: {g['before_ft_top1_mean']:.2f} (mean)"
+    epochs = f"{ep['total']:g} ({ep['base']:g} base + {ep['finetune']:g} fine-tune)" if v == "l1" else f"{ep['total']:g}"
+    return (f"{v}: {g['label']}", epochs, fmt_pm(g["macs_fraction_mean"], g["macs_fraction_std"], 3),
+            f"{g['params_M_mean']:.4f}", fmt_pm(g["top1_mean"], g["top1_std"]),
+            ", ".join(f"{x:.2f}" for x in g["top1_values"]), notes)
 
 
 def markdown(result: dict[str, Any]) -> str:
-    s, d = result["settings"], result["data"]
-    a = result.get("spm_settings", {}).get("spm", {})
-    lines = H.header_lines(result, "SPM ablation: pruning from scratch with / without the nuclear-norm loss, vs L1")
-    total = s["epochs"] + s["ft_epochs"]
-    lines += [
-        f"- Model: {s['model']} (1-channel input); data: Fashion-MNIST, {d['train_images']} training / "
-        f"{d['test_images']} test images" + (" (deterministic class-balanced subsets)" if d["subset"] else "") + ".",
-        f"- Target: keep **{100 * s['target_macs']:.1f}% of dense MACs** ({1 / s['target_macs']:.2f}x fewer) for every "
-        "variant; the MACs column is what the pruned model actually has (Conv2d + Linear MACs).",
-        f"- Training budgets, in epochs over the same training images: L1 trains a dense base {s['epochs']:g} epochs "
-        f"(lr {s['lr']:g} {s['lr_schedule']}, warm-up {s['warmup_epochs']:g}), prunes it to the target and fine-tunes "
-        f"{s['ft_epochs']:g} epochs (lr {s['ft_lr']:g} {s['ft_schedule']}); the SPM variants train {total:g} epochs "
-        f"from the same init with the same settings (gates learning for {a.get('search_epochs', '?'):g}, then "
-        f"frozen): **{total:g} epochs in total** for every row. Batch {s['batch_size']}, momentum {s['momentum']:g}, "
-        f"weight decay {s['weight_decay']:g} everywhere.",
-        f"- SPM losses: spm alpha_nuc {a.get('alpha_nuc', '?'):g}, alpha_mac {a.get('alpha_mac', '?'):g} "
-        f"({a.get('mac_norm', '?')} scale), gate lr x{a.get('gate_lr_scale', '?'):g}; spm_no_nuc identical with "
-        "alpha_nuc 0. "
-        + ("At S_max the library's budget snap (`--exact-budget`; off in `regprune scratch` by default, on here so "
-           "every variant meets the same budget) moves channels by weight magnitude until MACs are within 1% of the "
-           "budget; " if s.get("snap", True) else "No budget snap: each variant ends where its search left it; ")
-        + "the notes column says where the search itself had got to.",
-        f"- L1 picks (regprune's solver for the target; the residual streams and the stem are not in its scope): "
-        f"{result.get('l1_plan', {}).get('ratios')}.",
-        f"- Seeds: {s['seeds']}; seed k fixes the initial weights and data order of all variants (the L1 base and "
-        "both SPM runs start from the same weights), so the per-seed differences below are paired. Top-1 is the "
-        "final model's accuracy on the test images (no selection on the test set).", ""]
-    lines += H.md_table(
-        ["variant", "training epochs", "MACs fraction (mean ± std)",
-         f"params M (dense {result['summary'][0]['dense_params_M']:.4f})", "top-1 % (mean ± std)", "per seed", "notes"],
-        [(f"{g['variant']}: {g['label']}", _cells(g)[0], fmt_pm(g["macs_fraction_mean"], g["macs_fraction_std"], 3),
-          f"{g['params_M_mean']:.4f}", fmt_pm(g["top1_mean"], g["top1_std"]),
-          ", ".join(f"{v:.2f}" for v in g["top1_values"]), _cells(g)[1]) for g in result["summary"]])
-    lines += ["", "Differences (mean of a − mean of b, in top-1 points; spread = std a + std b; "
-              "'exceeds' means the ±1 std intervals do not overlap; with so few seeds a rough screen, not a test):", ""]
-    lines += H.md_table(["a vs b", "Δ mean", "spread", "Δ per seed (paired)", "exceeds the seed spread?"],
-                        [(f"{c['a']} vs {c['b']}", f"{c['delta_mean']:+.2f}", f"{c['spread']:.2f}",
-                          ", ".join(f"{x:+.2f}" for x in c["paired_deltas"]), H.verdict(c)) for c in result["comparisons"]])
+    s, d, a = result["settings"], result["data"], result.get("spm_settings", {}).get("spm", {})
+    sa = lambda k: "?" if k not in a else f"{a[k]:g}" if isinstance(a[k], float) else str(a[k])  # noqa: E731
+    lines = H.header_lines(result, "SPM ablation: pruning from scratch with / without the nuclear-norm loss, vs L1") + [
+        f"Model {s['model']} (1-channel input); Fashion-MNIST, {d['train_images']} training / {d['test_images']} test "
+        f"images{' (class-balanced subsets)' if d['subset'] else ''}. Target **{100 * s['target_macs']:.1f}% of dense "
+        f"MACs** ({1 / s['target_macs']:.2f}x fewer). L1: dense base {s['epochs']:g} epochs (lr {s['lr']:g} "
+        f"{s['lr_schedule']}, warm-up {s['warmup_epochs']:g}), fine-tuning {s['ft_epochs']:g} (lr {s['ft_lr']:g} "
+        f"{s['ft_schedule']}); SPM: {s['epochs'] + s['ft_epochs']:g} epochs, gates learning for {sa('search_epochs')}. "
+        f"Batch {s['batch_size']}, momentum {s['momentum']:g}, weight decay {s['weight_decay']:g}. SPM: alpha_nuc "
+        f"{sa('alpha_nuc')} (spm_no_nuc 0), alpha_mac {sa('alpha_mac')} ({sa('mac_norm')} scale), gate lr "
+        f"x{sa('gate_lr_scale')}, budget snap at S_max {'on' if s.get('snap', True) else 'off'}. L1 ratios: "
+        f"{result.get('l1_plan', {}).get('ratios')}. {s['seeds']} paired seed(s).", ""]
+    lines += H.md_table(["variant", "training epochs", "MACs fraction (mean ± std)",
+                         f"params M (dense {result['summary'][0]['dense_params_M']:.4f})", "top-1 % (mean ± std)",
+                         "per seed", "notes"], [_row(g) for g in result["summary"]])
+    lines += [""] + H.md_table(
+        ["a vs b", "Δ mean", "spread", "Δ per seed (paired)", "exceeds the seed spread?", "same sign every seed"],
+        [(f"{c['a']} vs {c['b']}", f"{c['delta_mean']:+.2f}", f"{c['spread']:.2f}",
+          ", ".join(f"{x:+.2f}" for x in c["paired_deltas"]), H.verdict(c),
+          "yes" if c["paired_same_sign"] else "no")
+         for c in result["comparisons"]])
     groups = result.get("spm_groups") or {}
     spm_rows = [r for r in result["results"] if r["variant"].startswith("spm") and r.get("kept_widths")]
     if groups and spm_rows:
-        lines += ["", "Channels the SPM runs kept per gated group (of the dense count in the header; * = one gate "
-                  "shared by a whole residual stream):", ""]
+        lines += ["", "Channels kept per gated group by the SPM runs (dense count in brackets; * = one gate for a "
+                  "whole residual stream):", ""]
         lines += H.md_table(["run", *(f"{r}{'*' if g['shared'] else ''} ({g['channels']})" for r, g in groups.items())],
                             [(f"{r['variant']} s{r['seed']}", *(r["kept_widths"].get(g, "-") for g in groups))
                              for r in spm_rows])
     if result.get("plot"):
-        lines += ["", f"Figure: `{Path(result['plot']).name}`: top-1 against the achieved MACs fraction, mean ± std "
-                  "over seeds per variant (per-seed points faint)."]
-    if result.get("notes"):
-        lines += ["", "Notes:"] + [f"- {n}" for n in result["notes"]]
-    return "\n".join(lines) + "\n"
+        lines += ["", f"Figure: `{Path(result['plot']).name}`."]
+    return "\n".join(lines + ["", "Notes:", *(f"- {n}" for n in result.get("notes", []))]) + "\n"
 
 
 def accuracy_plot(path: Path, rows: list[dict[str, Any]], groups: list[dict[str, Any]], target: float) -> Path:
-    """Top-1 against the achieved MACs fraction, mean ± std per variant, seeds as faint points: with the dense
-    reference (left) and zoomed on the pruned variants around the target (right)."""
-    fig, axes = H.pyplot().subplots(1, 2, figsize=(11.0, 4.4), dpi=110, gridspec_kw={"width_ratios": [1, 1.2]})
+    """Top-1 against the achieved MACs fraction: seeds as faint points, mean ± std per variant, the dense bases'
+    mean as a dotted line, the target as a dotted vertical line."""
+    fig, ax = H.pyplot().subplots(figsize=(7.5, 4.6), dpi=110)
     style = {"spm": ("#1f77b4", "o"), "spm_no_nuc": ("#ff7f0e", "s"), "l1": ("#2ca02c", "^"), "dense": ("#7f7f7f", "D")}
-    for ax, zoom in zip(axes, (False, True)):
-        for g in (g for g in groups if not (zoom and g["variant"] == "dense")):
-            v = g["variant"]
-            color, marker = style[v]
-            pts = [(r["macs_fraction"], r["top1"]) for r in rows if r["variant"] == v]
-            ax.scatter(*zip(*pts), color=color, marker=marker, alpha=0.35, s=20)
-            ax.errorbar(g["macs_fraction_mean"], g["top1_mean"], xerr=g["macs_fraction_std"], yerr=g["top1_std"],
-                        color=color, marker=marker, markersize=7, capsize=4, linewidth=1.4,
-                        label=f"{v} ({g['epochs_total']:g} ep): {g['top1_mean']:.2f} ± {g['top1_std']:.2f}")
-        ax.axvline(target, color="gray", linestyle=":", linewidth=1)
-        ax.set(xlabel="MACs kept (fraction of dense)", ylabel="test top-1 (%)")
-        ax.grid(alpha=0.3)
-        if zoom:
-            xs = [r["macs_fraction"] for r in rows if r["variant"] != "dense"] + [target]
-            pad = max(0.01, (max(xs) - min(xs)) * 0.5)
-            ax.set_xlim(min(xs) - pad, max(xs) + pad)
-            ax.set_title(f"pruned variants near the target ({target:g}, dotted)", fontsize=9)
-            ax.legend(fontsize=7, loc="lower right")
-        else:
-            ax.set_title("SPM ablation: accuracy vs MACs (mean ± std over seeds)", fontsize=9)
+    for g in groups:
+        color, marker = style[g["variant"]]
+        if g["variant"] == "dense":
+            ax.axhline(g["top1_mean"], color=color, linestyle=":",
+                       label=f"dense base: {fmt_pm(g['top1_mean'], g['top1_std'])}")
+            continue
+        ax.scatter(*zip(*[(r["macs_fraction"], r["top1"]) for r in rows if r["variant"] == g["variant"]]),
+                   color=color, marker=marker, alpha=0.35, s=20)
+        ax.errorbar(g["macs_fraction_mean"], g["top1_mean"], xerr=g["macs_fraction_std"], yerr=g["top1_std"],
+                    color=color, marker=marker, markersize=7, capsize=4,
+                    label=f"{g['variant']} ({g['epochs_total']:g} ep): {fmt_pm(g['top1_mean'], g['top1_std'])}")
+    ax.axvline(target, color="gray", linestyle=":", linewidth=1)
+    ax.set(xlabel="MACs kept (fraction of dense)", ylabel="test top-1 (%)")
+    ax.set_title("SPM ablation: accuracy vs MACs (mean ± std over seeds)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
     return H.save_fig(fig, path)
 
 
-def make_notes(groups: list[dict], comps: list[dict], s: Settings, rows: list[dict]) -> list[str]:
-    """Comparisons in words, where the searches ended, the dense bases' plateau, groups cut to (almost) nothing,
-    and the share of each SPM variant's MACs cut done by the search and by the library's snap."""
-    by = {g["variant"]: g for g in groups}
-    notes = [f"{c['a']} vs {c['b']}: Δ {c['delta_mean']:+.2f} points, spread {c['spread']:.2f}: {H.verdict(c)}"
-             + ("; same sign on every seed" if c["paired_same_sign"] else "; the sign differs between seeds")
-             for c in comps]
-    for v in ("spm", "spm_no_nuc"):
-        m = by.get(v, {}).get("search_macs_fraction_mean")
-        if m is not None and abs(m - s.target_macs) > 0.02:
-            notes.append(f"{v}: the search alone ended at {m:.3f} of dense MACs on average (target {s.target_macs:g}); "
-                         + ("the library's budget snap at S_max moved gates by weight magnitude the rest of the way."
-                            if s.snap else "no snap: the variant ends where the search left it."))
-    plats = [r["plateau"] for r in rows if r["variant"] == "dense"]
-    if plats:
-        flat = sum(bool(p["plateaued"]) for p in plats)
+def make_notes(s: Settings, rows: list[dict]) -> list[str]:
+    """Whether the dense bases' accuracy had plateaued, and the share of each SPM variant's MACs cut done by the
+    search and by the library's budget snap."""
+    notes = []
+    if plats := [r["plateau"] for r in rows if r["variant"] == "dense"]:
         gains = ", ".join("n/a" if p["gain_last_epochs"] is None else f"{p['gain_last_epochs']:+.1f}" for p in plats)
         notes.append(f"Dense bases: test accuracy had plateaued (best of the last 3 epochs within 0.3 points of the "
-                     f"best before them) on {flat} of {len(plats)} seeds (gains over the last 3 epochs: {gains}); "
-                     + ("longer training would raise every variant, and may change the gaps." if flat < len(plats)
-                        else "the schedule is long enough for the dense model."))
-    if "l1" in by and "dense" in by:
-        notes.append(f"Every row trains {by['l1']['epochs_total']:g} epochs in total: L1 {s.epochs:g} (dense base) + "
-                     f"{s.ft_epochs:g} (fine-tuning), the scratch runs {s.epochs + s.ft_epochs:g}; L1's dense bases "
-                     f"reach {fmt_pm(by['dense']['top1_mean'], by['dense']['top1_std'])}.")
-    if s.scale != "gpu":
-        notes.append("Small-scale caveat: a subset of Fashion-MNIST and a short schedule (the paper searches for 65 of "
-                     "90 ImageNet epochs); differences of a point or less need more seeds or the gpu scale.")
-    runs = [r for r in rows if r["variant"].startswith("spm") and r.get("kept_widths")]
-    for root, g in spm_groups(s).items():
-        low = [r for r in runs if r["kept_widths"].get(root, g["channels"]) <= max(1, g["channels"] // 16)]
-        if low:
-            notes.append(f"{'Residual-stream' if g['shared'] else 'Private'} group `{root}` ({g['channels']} channels) "
-                         f"was cut to {', '.join(str(r['kept_widths'][root]) for r in low)} channel(s) in {len(low)} of "
-                         f"{len(runs)} SPM runs (the per-epoch widths are in each run's metrics.jsonl).")
+                     f"best before them) on {sum(bool(p['plateaued']) for p in plats)} of {len(plats)} seeds (gains "
+                     f"over the last 3 epochs: {gains}).")
     for v in ("spm", "spm_no_nuc"):
-        got = [r for r in rows if r["variant"] == v and r.get("cut_shares")]
-        if got:
-            snapped = [r for r in got if r.get("snap")]
+        if got := [r for r in rows if r["variant"] == v and r.get("cut_shares")]:
+            moves = sum(int(r["snap"]["flips"]) for r in got if r.get("snap"))
             notes.append(f"{v}: share of the MACs cut done by the search itself, per seed: "
                          + ", ".join(f"{100 * r['cut_shares']['search']:.0f}%" for r in got)
-                         + (f"; the rest by the library's budget snap (`regprune.scratch.snap_to_budget`, channels "
-                            f"moved by weight magnitude, {sum(int(r['snap']['flips']) for r in snapped)} moves in all)."
-                            if snapped else " (no snap)."))
+                         + (f"; the rest by the budget snap ({moves} channel moves in all)."
+                            if any(r.get("snap") for r in got) else " (no snap)."))
     return notes
 
 
@@ -446,15 +387,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": rows, "summary": groups, "comparisons": comps, "plot": str(out_dir / f"{stem}.png"),
         "work_dir": str(r["work"]), "spm_groups": spm_groups(s), "jobs_done": r["jobs_done"],
         "jobs_expected": r["jobs_expected"], "complete": r["complete"],
-        "jobs_wall_s": round(sum(x["wall_s"] for x in r["rows"]), 1), "notes": make_notes(groups, comps, s, rows),
+        "jobs_wall_s": round(sum(x["wall_s"] for x in r["rows"]), 1), "notes": make_notes(s, rows),
     }
     return H.write_outputs(result, out_dir, stem, markdown,
                            [lambda d: accuracy_plot(d / f"{stem}.png", rows, groups, s.target_macs)])
 
 
 BENCH = H.Bench(name="spm_ablation", doc=__doc__, scales=SCALES, methods=VARIANTS, script=Path(__file__).resolve(),
-                job_keys=("variant", "seed"), jobs=jobs, prepare=lambda s, work: {"work": work}, run_one=run_one, add_args=add_args,
-                default_scale="cpu", estimate=estimate, dense_model=lambda s: _fresh(s.model))
+                job_keys=("variant", "seed"), jobs=jobs, prepare=lambda s, work: {"work": work}, run_one=run_one,
+                add_args=add_args, default_scale="cpu", estimate=estimate, dense_model=lambda s: _fresh(s.model))
 
 if __name__ == "__main__":
     H.run_script(main)

@@ -1,12 +1,6 @@
 """The torchvision zoo: does `regprune.prune(model, x, speedup=2.0)` work on every classifier torchvision ships?
-
-Every `torchvision.*` model of regprune's registry (`num_classes=10`, random weights) runs in its own process
-(`--jobs` at a time, a `--timeout` per model): the smallest input side (from `--min-size`) where eval at batch 1
-and train mode at batch 2 both run; `regprune.graph.analyze` (groups in scope, unsafe ones with their reasons);
-then, up to `--max-params` M parameters, `regprune.prune(model, x, speedup=2.0)`, the speedup measured on the
-returned model (`count_macs`) and its output shape checked. Outcomes: reached (`speedup_ok`: within 2% of 2x),
-refused (a `UserError`, its one-line reason), inspected (over the size limit), timeout, error (any other
-exception or a dead worker: a bug).
+Each model of regprune's registry runs in its own process (`--jobs` at a time, `--timeout` each) and ends
+reached, refused, inspected (over `--max-params`: analysed only), timeout or error (see benchmarks/README.md).
 
     OMP_NUM_THREADS=2 python benchmarks/zoo.py --jobs 2 --timeout 150     # the recorded run, 2 shared CPU cores
 
@@ -56,13 +50,13 @@ def one_line(text: str, limit: int = 400) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def pick_input_size(model, min_size: int = 64, sizes: tuple[int, ...] = SIZES) -> tuple[int | None, int | None]:
+def pick_input_size(model, min_size: int = 64) -> tuple[int | None, int | None]:
     """(smallest side where eval at batch 1 and train at batch 2 both run, smallest where eval runs)."""
     import torch
 
     eval_ok, was = None, model.training
     try:
-        for s in [s for s in sizes if s >= min_size]:
+        for s in (s for s in SIZES if s >= min_size):
             try:
                 with torch.no_grad():
                     model.eval()(torch.zeros(1, 3, s, s))
@@ -77,23 +71,21 @@ def pick_input_size(model, min_size: int = 64, sizes: tuple[int, ...] = SIZES) -
 
 
 def run_one(name: str, timeout: float = 150, min_size: int = 64, max_params_m: float = 30.0,
-            num_classes: int = 10, threads: int = 1, status_dir: str | None = None) -> dict[str, Any]:
-    """One model, start to end; never raises (what went wrong is the record's outcome)."""
+            num_classes: int = 10, threads: int = 1) -> dict[str, Any]:
+    """One model, start to end, under a SIGALRM of `timeout` seconds; never raises (what went wrong is the
+    record's outcome)."""
     import torch
 
     import regprune
     from regprune.counting import count_macs, count_params
     from regprune.graph import analyze
 
-    if status_dir:  # lets the parent kill a worker that ignores its alarm
-        Path(status_dir, f"{name}.pid").write_text(str(os.getpid()))
     torch.set_num_threads(threads)
-    rec: dict[str, Any] = {"model": name, "outcome": None, "stage": "build", "params": None, "input_size": None,
-                           "eval_min_size": None, "mode": None, "dense_macs": None, "pruned_macs": None,
-                           "speedup": None, "speedup_ok": None, "verified": None, "verification": None,
-                           "shape_ok": None, "groups": None, "in_scope": None, "unsafe": None,
-                           "unsafe_reasons": [], "reason": "", "one_line": None, "traceback": None,
-                           "seconds": {}, "threads": threads}
+    rec: dict[str, Any] = {k: None for k in (
+        "model", "outcome", "stage", "params", "input_size", "eval_min_size", "mode", "dense_macs", "pruned_macs",
+        "speedup", "speedup_ok", "verified", "verification", "shape_ok", "groups", "in_scope", "unsafe")}
+    rec.update(model=name, stage="build", unsafe_reasons=[], reason="", one_line=None, traceback=None, seconds={},
+               threads=threads)
     t0 = t_stage = time.perf_counter()
 
     def stage(nxt: str) -> None:
@@ -102,10 +94,8 @@ def run_one(name: str, timeout: float = 150, min_size: int = 64, max_params_m: f
         rec["seconds"][rec["stage"]] = round(now - t_stage, 2)
         rec["stage"], t_stage = nxt, now
 
-    use_alarm = timeout and timeout > 0 and hasattr(signal, "SIGALRM")
-    if use_alarm:
-        old = signal.signal(signal.SIGALRM, _alarm)
-        signal.setitimer(signal.ITIMER_REAL, float(timeout))
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, float(timeout))
     try:
         try:
             model = regprune.create_model(name, num_classes=num_classes)
@@ -124,9 +114,8 @@ def run_one(name: str, timeout: float = 150, min_size: int = 64, max_params_m: f
             rec.update(dense_macs=count_macs(model, x), groups=len(graph.groups), in_scope=len(graph.scope()),
                        unsafe=len(bad), unsafe_reasons=[f"{g.root}: {g.reason}" for g in bad[:10]])
             del graph
-            if rec["mode"] == "inspect":
-                rec["outcome"] = "inspected"
-            else:
+            rec["outcome"] = "inspected"
+            if rec["mode"] == "prune":
                 stage("prune")
                 result = regprune.prune(model, x, speedup=SPEEDUP)
                 stage("measure")
@@ -138,9 +127,9 @@ def run_one(name: str, timeout: float = 150, min_size: int = 64, max_params_m: f
                 with torch.no_grad():
                     rec["shape_ok"] = tuple(model.eval()(x).shape) == tuple(pruned.eval()(x).shape)
                 rec["outcome"] = "reached"
-                notes = ([f"speedup miss: {rec['speedup']:.3f}x measured for {SPEEDUP}x"] if not rec["speedup_ok"] else [])
-                notes += ["no verification recorded"] if not rec["verified"] else []
-                notes += ["output shape differs from the dense model's"] if not rec["shape_ok"] else []
+                notes = [f"speedup miss: {rec['speedup']:.3f}x measured for {SPEEDUP}x"] * (not rec["speedup_ok"])
+                notes += ["no verification recorded"] * (not rec["verified"])
+                notes += ["output shape differs from the dense model's"] * (not rec["shape_ok"])
                 rec["reason"] = one_line("; ".join(notes + (ver or {}).get("notes", [])))
         except UserError as exc:
             rec.update(outcome="refused", one_line="\n" not in str(exc), reason=one_line(str(exc)))
@@ -148,23 +137,16 @@ def run_one(name: str, timeout: float = 150, min_size: int = 64, max_params_m: f
             rec.update(outcome="error", reason=one_line(f"{type(exc).__name__}: {exc}"),
                        traceback=traceback.format_exc())
         finally:
-            if use_alarm:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-    except CaseTimeout:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except CaseTimeout:  # raised anywhere above, the handlers included
         rec.update(outcome="timeout", reason=f"over {timeout:g} s (in stage {rec['stage']})")
     finally:
-        if use_alarm:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, old)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
     stage("done")
     rec["seconds"].pop("done", None)
     rec["wall_s"] = round(time.perf_counter() - t0, 2)
     return rec
-
-
-def _dead(name: str, why: str) -> dict[str, Any]:
-    return {"model": name, "outcome": "error", "stage": None, "reason": why, "wall_s": None, "params": None,
-            "seconds": {}}
 
 
 def run_case(name: str, args: argparse.Namespace, threads: int) -> dict[str, Any]:
@@ -172,6 +154,8 @@ def run_case(name: str, args: argparse.Namespace, threads: int) -> dict[str, Any
     alarm: a timeout); one that dies by itself (out of memory?) gets a second try, then is an error."""
     kw = dict(name=name, timeout=args.timeout, min_size=args.min_size, max_params_m=args.max_params,
               num_classes=args.num_classes, threads=threads)
+    dead = {"model": name, "outcome": "error", "stage": None, "wall_s": None, "params": None, "seconds": {},
+            "reason": "worker process died twice (killed by the system: out of memory?)"}
     with tempfile.TemporaryDirectory(prefix="zoo_") as tmp:
         out = Path(tmp) / "case.json"
         for _ in range(2):
@@ -179,12 +163,12 @@ def run_case(name: str, args: argparse.Namespace, threads: int) -> dict[str, Any
                 subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_case", json.dumps(kw), str(out)],
                                timeout=args.timeout + GRACE_S, check=False)
             except subprocess.TimeoutExpired:
-                return {**_dead(name, f"over {args.timeout:g} s and did not stop at its alarm: worker killed"),
-                        "outcome": "timeout"}
+                return {**dead, "outcome": "timeout",
+                        "reason": f"over {args.timeout:g} s and did not stop at its alarm: worker killed"}
             if out.exists():
                 return json.loads(out.read_text())
             log(f"{name}: its worker died, to be run again")
-    return _dead(name, "worker process died twice (killed by the system: out of memory?)")
+    return dead
 
 
 def run_all(names: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -210,7 +194,7 @@ def library_version() -> dict[str, Any]:
                                         timeout=30).stdout.strip()
         info["commit"] = git("rev-parse", "--short", "HEAD") or None
         info["library_changes"] = bool(git("status", "--porcelain", "--", "regprune"))
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError):  # no git
         pass
     return info
 
@@ -234,11 +218,9 @@ def markdown(data: dict[str, Any]) -> str:
     return "\n".join([
         "# The torchvision zoo: `regprune.prune(model, x, speedup=2.0)` on every classifier", "",
         f"Run: `{data['command']}` ({data['wall_time_s'] / 60:.1f} min; {hw.get('processor')}, "
-        f"{hw.get('cpus_usable')} CPUs, torch {hw.get('torch')}, {at}, load {hw.get('loadavg_1_5_15')}).",
-        f"Models built with `num_classes={st['num_classes']}`, random weights; input at the smallest side where both "
-        f"eval (batch 1) and train mode (batch 2) run; models over {st['max_params_m']:g} M parameters only analysed. "
-        f"Speedup: MACs of the dense model over those of the returned one (`count_macs`); a miss is more than "
-        f"{TOLERANCE:.0%} from {SPEEDUP:g}x. Seconds: wall clock of the whole case.", "",
+        f"{hw.get('cpus_usable')} CPUs, torch {hw.get('torch')}, {at}, load {hw.get('loadavg_1_5_15')}). "
+        f"`num_classes={st['num_classes']}`, random weights; over {st['max_params_m']:g} M parameters only analysed; "
+        f"a miss is more than {TOLERANCE:.0%} from {SPEEDUP:g}x (see benchmarks/README.md).", "",
         f"Outcomes: {', '.join(f'{k}: {v}' for k, v in data['counts'].items())}. Speedup misses: {data['misses']}. "
         f"Unverified results: {data['unverified']}.", "",
         *H.md_table(["model", "input", "M params", "outcome", "speedup", "groups in scope / unsafe", "seconds",
@@ -259,10 +241,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--num-classes", type=int, default=10, help="classifier width (default %(default)s)")
     ap.add_argument("--_case", nargs=2, metavar=("KWARGS", "OUT"), help=argparse.SUPPRESS)  # one model, internal
     args = ap.parse_args(argv)
-    if args.jobs < 1:
-        raise UserError("--jobs must be >= 1")
-    if args.timeout <= 0:
-        raise UserError("--timeout must be > 0")
+    if args.jobs < 1 or args.timeout <= 0:
+        raise UserError("--jobs must be >= 1 and --timeout > 0")
     return args
 
 
@@ -275,19 +255,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     names = sorted({n for g in args.models for n in regprune.list_models(g) if n.startswith("torchvision.")})
     if not names:
         raise UserError(f"no torchvision model matches {' '.join(args.models)!r}")
-    command = "python benchmarks/zoo.py " + " ".join(sys.argv[1:] if argv is None else argv)
     log(f"{len(names)} models, {args.jobs} at a time, {args.timeout:g} s each")
-    hw = H.hardware_info("cpu")
-    lib = library_version()  # the workers import the library as it is on disk when each starts
+    hw, lib = H.hardware_info("cpu"), library_version()  # workers import the library as it is on disk when they start
     t0 = time.perf_counter()
     results = run_all(names, args)
-    end = library_version()
-    if end != lib:
+    if (end := library_version()) != lib:
         lib["at_end"] = end  # the library changed during the run
     counts = {k: sum(r["outcome"] == k for r in results) for k in OUTCOMES}
     reached = [r for r in results if r["outcome"] == "reached"]
     data = {
-        "benchmark": "zoo", "command": command.strip(),
+        "benchmark": "zoo",
+        "command": ("python benchmarks/zoo.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip(),
         "settings": {"models": args.models, "timeout_s": args.timeout, "jobs": args.jobs,
                      "max_params_m": args.max_params, "min_size": args.min_size, "num_classes": args.num_classes,
                      "speedup": SPEEDUP, "tolerance": TOLERANCE, "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},

@@ -290,7 +290,8 @@ def regularizer(model: nn.Module, example_inputs: torch.Tensor, method: str = "g
         if unknown:
             raise UserError(f"unknown GReg setting {unknown[0]!r}: expected a GRegConfig field (e.g. lr_prune, "
                             "momentum, penalty, criterion, mag_ratio_limit)")
-        config = GRegConfig.scaled(iters, method, **config_overrides) if iters else GRegConfig(**config_overrides)
+        config = (GRegConfig.scaled(iters, method, **config_overrides) if iters is not None
+                  else GRegConfig(**config_overrides))
     warning = config.predict(method)["warning"]
     if warning:
         warnings.warn(f"GReg schedule: {warning}", stacklevel=2)

@@ -134,3 +134,69 @@ def test_options_json_written_by_a_run_is_nested_and_loads_again(tmp_path):
     saved = json.loads(run.file("options.json").read_text())
     assert saved == asdict(o) and saved["train"]["lr"] == 0.2
     assert merge_options({}, {}, resume=str(run.path)) == o
+
+
+# ---- what a new user's mistakes must not do ------------------------------------------------------------------
+
+def _cli(*argv):
+    from regprune.cli import main
+
+    return main(list(argv))
+
+
+def test_overwrite_clears_only_run_directories_and_out_must_name_one(tmp_path, capsys):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    base = ["train", "--data", "digits", "--epochs", "0.01", "--limit-train", "32", "--limit-test", "16",
+            "--no-progress"]
+    assert _cli(*base, "--out", str(precious), "--overwrite") == 2
+    assert "not a regprune run directory" in capsys.readouterr().err
+    assert (precious / "thesis.tex").read_text() == "years of work"
+    assert _cli(*base, "--out", "") == 2
+    assert "--out must name a directory" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert _cli(*base, "--out", str(tmp_path / "afile"), "--overwrite") == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_a_mistake_found_with_the_data_leaves_no_run_directory(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _cli("train", "--data", "cifar10:/nonexistent/cifar", "--epochs", "1", "--out", str(out)) == 2
+    assert "regprune: error:" in capsys.readouterr().err
+    assert not out.exists()  # the same command, corrected, runs without --overwrite
+
+
+def test_resume_refuses_another_job_kind_and_changed_options(tmp_path, capsys):
+    from regprune.jobs.common import start_run
+
+    o = JobOptions.from_dict({"model": "resnet20", "out": str(tmp_path / "run"), "lr": 0.2})
+    start_run(o, job="train")
+    with pytest.raises(UserError, match="is a train run, not a scratch run"):
+        start_run(o, resume=True, job="scratch")
+    with pytest.raises(UserError, match="keeps the options it started with: lr was 0.2"):
+        merge_options({}, {"lr": 0.5}, resume=str(tmp_path / "run"))
+    with pytest.raises(UserError, match="drop --recipe"):
+        merge_options({}, {}, resume=str(tmp_path / "run"), recipe=str(ROOT / "recipes" / "resnet56-cifar10-l1.yaml"))
+    moved = merge_options({}, {"device": "cpu", "workers": 2}, resume=str(tmp_path / "run"))  # where, not what
+    assert moved.run.device == "cpu" and moved.data.workers == 2 and moved.train.lr == 0.2
+
+
+def test_recipe_values_as_yaml_writes_them(tmp_path):
+    r = tmp_path / "r.yaml"
+    r.write_text("lr: 1e-3\nratios: 0.5\nseed: '7'\n")  # YAML 1.1 reads 1e-3 as a string
+    o = merge_options({}, {}, recipe=str(r))
+    assert o.train.lr == 0.001 and o.prune.ratios == "0.5" and o.run.seed == 7
+    r.write_text("ratios: [0, 0.75, 0.75, 0.32, 0]\n")
+    assert merge_options({}, {}, recipe=str(r)).prune.ratios == "[0,0.75,0.75,0.32,0]"
+    for bad, match in (("shortcut: C", "shortcut must be one of A, B"), ("seed: 99999999999999999999", "seed must lie"),
+                       ("method: greg3", "method must be one of"), ("lrr: 0.1", r"did you mean lr\b")):
+        r.write_text(bad + "\n")
+        with pytest.raises(UserError, match=match):
+            merge_options({}, {}, recipe=str(r))
+
+
+def test_every_shipped_recipe_dry_runs(capsys):
+    for recipe in sorted((ROOT / "recipes").glob("*.yaml")):
+        command = "scratch" if "spm" in recipe.name else "prune"
+        assert _cli(command, "--recipe", str(recipe), "--dry-run") == 0, (recipe.name, capsys.readouterr().err)

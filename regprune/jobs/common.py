@@ -29,8 +29,12 @@ class RunDir:
     """One directory per run; refuses to clobber an existing run unless told, records finished phases."""
 
     def __init__(self, path: str | Path, *, overwrite: bool = False, resume: bool = False, write: bool = True) -> None:
+        if not str(path).strip():
+            raise UserError("the run directory is empty: --out must name a directory")
         self.path = Path(path)
         self.write = write
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"run directory {self.path} is a file, not a directory")
         if resume:
             if not (self.path / "state.json").exists():
                 raise UserError(f"cannot resume: {self.path} holds no regprune run (no state.json)")
@@ -39,6 +43,9 @@ class RunDir:
             if not overwrite:
                 raise UserError(f"run directory {self.path} already exists and is not empty; "
                                 "pass --overwrite to replace it or --resume to continue it")
+            if not is_run_dir(self.path):
+                raise UserError(f"{self.path} is not a regprune run directory (no options.json or state.json): "
+                                "--overwrite clears only runs; choose a new or empty directory")
             if write:
                 _clear_dir(self.path)
         if write:
@@ -85,6 +92,17 @@ class RunDir:
     def file(self, name: str) -> Path:
         """The path of `name` in the run directory."""
         return self.path / name
+
+
+RUN_FILES = ("options.json", "state.json")
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether `path` holds a regprune run (its options.json or state.json), or only such runs (a demo folder)."""
+    if any((path / f).is_file() for f in RUN_FILES):
+        return True
+    children = list(path.iterdir())
+    return bool(children) and all(c.is_dir() and not c.is_symlink() and is_run_dir(c) for c in children)
 
 
 def _clear_dir(path: Path) -> None:
@@ -223,8 +241,9 @@ def summary_row(label: str, model: nn.Module, x: torch.Tensor, metrics: dict[str
             "params_M": round(count_params(model) / 1e6, 4), "MMACs": round(count_macs(model, x) / 1e6, 3)}
 
 
-def start_run(o: JobOptions, *, overwrite: bool = False, resume: bool = False) -> RunDir:
-    """Join the distributed group (if launched as one) and open the run directory `o.run.out`.
+def start_run(o: JobOptions, *, overwrite: bool = False, resume: bool = False, job: str | None = None) -> RunDir:
+    """Join the distributed group (if launched as one) and open the run directory `o.run.out` for the `job` kind
+    ("train", "prune", "scratch"; recorded in state.json, and a resumed run of another kind is refused).
 
     Rank 0 alone checks and prepares the directory (options.json, state.json), then tells the others: were every
     rank to check, a slow one could find rank 0's fresh files, refuse "already exists" and leave rank 0 waiting in
@@ -234,6 +253,12 @@ def start_run(o: JobOptions, *, overwrite: bool = False, resume: bool = False) -
     if E.is_main():
         try:
             run = RunDir(o.run.out, overwrite=overwrite, resume=resume, write=True)
+            kind = run.state.get("job")
+            if resume and job and kind and kind != job:
+                raise UserError(f"cannot resume: {run.path} is a {kind} run, not a {job} run "
+                                f"(use `regprune {kind} --resume {run.path}`)")
+            if job:
+                run.state["job"] = job
             E.atomic_write_text(run.file("options.json"), json.dumps(asdict(o), indent=1))
             run.save_state()
         except UserError as exc:
@@ -244,3 +269,18 @@ def start_run(o: JobOptions, *, overwrite: bool = False, resume: bool = False) -
     if run is None:
         run = RunDir(o.run.out, overwrite=True, resume=resume, write=False)
     return run
+
+
+def discard_unstarted(run: RunDir) -> bool:
+    """Remove a fresh run directory that holds nothing but its options.json and state.json (a job that failed on
+    a user mistake before any work was saved), so the same command can be run again; True when removed. Rank 0
+    only; a directory with anything else in it is left as it is."""
+    if not E.is_main() or not run.path.is_dir():
+        return False
+    entries = list(run.path.iterdir())
+    if any(e.name not in RUN_FILES and not (e.is_dir() and not any(e.iterdir())) for e in entries):
+        return False
+    for e in entries:
+        e.rmdir() if e.is_dir() else e.unlink()
+    run.path.rmdir()
+    return True

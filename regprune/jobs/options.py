@@ -197,6 +197,9 @@ def options_for(command: str) -> list[Option]:
     return [o for o in OPTIONS.values() if command in o.meta["commands"]]
 
 
+# what a resumed run may change: where and how it runs, not what it computes
+RESUME_FREE = frozenset({"out", "device", "workers", "progress", "checkpoint_every", "debug_rank_dump"})
+
 # per-command defaults over the schema's (flat names)
 COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
     "train": {"epochs": 30, "lr_schedule": "cosine", "out": "runs/base"},
@@ -206,8 +209,32 @@ COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 def check_value(option: Option, value: Any) -> Any:
-    """`value` if it fits the option's type hint (an int passes as a float; a bool never as a number), else
-    UserError naming the option, the type and the value."""
+    """`value` if it fits the option's type hint and allowed values (an int passes as a float; a bool never as a
+    number; a string that reads as a number passes as one, since YAML reads `1e-3` as a string; a ratio spec may
+    be a number or a list of numbers), else UserError naming the option, the type and the value."""
+    value = _check_type(option, _coerce(option, value))
+    choices = option.meta.get("choices")
+    if choices and value is not None and value not in choices:
+        raise UserError(f"option {option.flat} must be one of {', '.join(choices)}, got {value!r}")
+    if option.flat == "seed" and not 0 <= value < 2**63:
+        raise UserError(f"option seed must lie in [0, 2^63), got {value}")
+    return value
+
+
+def _coerce(option: Option, value: Any) -> Any:
+    args = typing.get_args(option.hint) or (option.hint,)
+    if option.flat == "ratios" and isinstance(value, (int, float, list)) and not isinstance(value, bool):
+        return (json.dumps(value) if isinstance(value, list) else repr(value)).replace(" ", "")
+    if isinstance(value, str) and (float in args or int in args):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return int(number) if int in args and number.is_integer() and "." not in value else number
+    return value
+
+
+def _check_type(option: Option, value: Any) -> Any:
     hint = option.hint
     args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if value is None:
@@ -282,9 +309,18 @@ def _by_section(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
         else:
             unknown.append(key)
     if unknown:
-        raise UserError(f"unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(OPTIONS)} "
-                        f"(or nested under {', '.join(SECTIONS)})")
+        raise UserError(f"unknown option(s) {', '.join(sorted(unknown))}{_suggest(unknown)}; options are the "
+                        f"command's flags (`--help`) with underscores, flat or nested under {', '.join(SECTIONS)}")
     return out
+
+
+def _suggest(unknown: list[str]) -> str:
+    """" (did you mean ...?)" for the close names of the unknown ones, flat or section.field."""
+    import difflib
+
+    names = list(OPTIONS) + [f"{o.section}.{o.name}" for o in OPTIONS.values()]
+    close = sorted({m for u in unknown for m in difflib.get_close_matches(u, names, n=2, cutoff=0.75)})
+    return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
 def load_recipe(path: str) -> dict[str, Any]:
@@ -329,6 +365,8 @@ def merge_options(defaults: dict[str, Any], given: dict[str, Any], *, recipe: st
     mapping. A resumed run keeps its directory as `out`. Raises UserError on an unreadable source, an unknown
     option or a value of the wrong type."""
     values: dict[str, Any] = _flatten(defaults)
+    if recipe and resume:
+        raise UserError("a resumed run keeps the options it started with: drop --recipe")
     if recipe:
         loaded = load_recipe(recipe)
         loaded.pop("paper", None)  # the paper's result, for people reading the recipe
@@ -348,6 +386,13 @@ def merge_options(defaults: dict[str, Any], given: dict[str, Any], *, recipe: st
         if old_flat and saved_values.get("warmup_epochs") == 0:
             saved_values["warmup_epochs"] = None  # the flat files of older versions wrote "not given" as 0
         values.update(_flatten(saved_values))
+        changed = {k: v for k, v in _flatten({k: v for k, v in given.items() if v is not None}).items()
+                   if k not in RESUME_FREE and values.get(k) != v}
+        if changed or greg:
+            k = next(iter(changed), "greg")
+            raise UserError(f"a resumed run keeps the options it started with: {k} was "
+                            f"{values.get(k)!r} (drop --{k.replace('_', '-')}, or start a new run); only "
+                            f"{', '.join('--' + f.replace('_', '-') for f in sorted(RESUME_FREE))} may change")
     values.update(_flatten({k: v for k, v in given.items() if v is not None}))
     if greg:
         g = dict(values.get("greg") or {})

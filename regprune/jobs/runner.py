@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from ..errors import UserError
 from ..models import model_info
-from .common import RunDir, start_run, train_config
+from .common import RunDir, discard_unstarted, start_run, train_config
 from .options import JobOptions
 from .prune import check_options, prune_job
 from .scratch import scratch_job, scratch_plan_text, spm_overrides, spm_settings
@@ -60,6 +60,11 @@ def run_job(kind: str, o: JobOptions, *, overwrite: bool = False, resume: bool =
     or "row"), plus "run" (the RunDir) and "lines" (what to print after the table). Raises UserError on a mistake
     in the options or the run directory, before anything is written."""
     check_job(kind, o)
-    run = start_run(o, overwrite=overwrite, resume=resume)
-    out = JOB_KINDS[kind](o, run)
+    run = start_run(o, overwrite=overwrite, resume=resume, job=kind)
+    try:
+        out = JOB_KINDS[kind](o, run)
+    except UserError:
+        if not resume:  # a mistake found with the data or the base model: leave nothing to --overwrite
+            discard_unstarted(run)
+        raise
     return {**out, "run": run, "lines": _lines(kind, out, run)}

@@ -214,7 +214,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         args = build_parser().parse_args(argv)
-        return COMMANDS[args.cmd](args)
+        rc = COMMANDS[args.cmd](args)
+        from .engine.dist import cleanup
+
+        cleanup()  # under torchrun, the ranks leave the process group together
+        return rc
     except UserError as exc:
         print(f"regprune: error: {exc}", file=sys.stderr)
         return 2

@@ -214,5 +214,5 @@ def test_prune_report_says_unstable_on_a_busy_machine(tmp_path, monkeypatch, den
 
 def test_pyplot_is_public_and_headless():
     pytest.importorskip("matplotlib")
-    assert R._plt is R.pyplot
+    assert callable(R.pyplot)
     assert R.pyplot().get_backend().lower() == "agg"

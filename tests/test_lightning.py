@@ -328,6 +328,9 @@ DDP_SCRIPT = textwrap.dedent('''
                     p.add_(0.05 * int(os.environ.get("LOCAL_RANK", 0)))
             t = trainer(8, [RegPruneCallback(method, **kw), Report(method)], devices=2, strategy="ddp")
             t.fit(lit, loader())
+        if torch.distributed.is_initialized():  # leave together: a rank exiting with live gloo threads can abort
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 ''')
 
 

@@ -125,6 +125,8 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def cleanup() -> None:
-    """Leave the process group if one was joined."""
+    """Leave the process group if one was joined, every rank together (a barrier first: a rank that tears its gloo
+    connections down while another still uses them can make that one abort)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import regprune
 import regprune.graph as graph_mod
+import regprune.probe as probe_mod
 import regprune.verify as verify_mod
 from regprune.graph import analyze
 
@@ -78,8 +79,8 @@ def test_groups_read_in_train_mode_only_leave_the_scope_without_bisection(trials
 
 def test_the_trial_alone_finds_the_same_groups(trials, monkeypatch):
     """Without the up-front walk the trial's bisection finds the same groups unsafe (on more copies)."""
-    train_pass = graph_mod._train_pass
-    monkeypatch.setattr(graph_mod, "_train_pass", lambda *a: (train_pass(*a)[0], {}))
+    train_pass = probe_mod._train_pass
+    monkeypatch.setattr(probe_mod, "_train_pass", lambda *a: (train_pass(*a)[0], {}))
     torch.manual_seed(0)
     g = analyze(AuxHeadNet(), torch.randn(1, 3, 16, 16))
     unsafe = {grp.root for grp in g.groups.values() if grp.unsafe}

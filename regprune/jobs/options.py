@@ -26,14 +26,24 @@ JOBS = ("train", "prune", "scratch")
 
 
 def opt(default: Any, help: str = "", *, commands: tuple[str, ...] = JOBS, choices: tuple[str, ...] | None = None,
-        cli: str = "value", metavar: str | None = None) -> Any:
-    """A schema field: its default, help text, the commands whose command line takes it, allowed values, and how
-    the flag reads (`cli`: "value", "flag" (store_true), "negated" (--no-NAME), "both" (--NAME/--no-NAME),
-    "append" (repeatable), "ratio" (a finite number), "hidden" (accepted, not listed))."""
-    meta = {"help": help, "commands": commands, "choices": choices, "cli": cli, "metavar": metavar}
+        cli: str = "value", metavar: str | None = None, bounds: tuple[float, float] | None = None,
+        parse: Any = None) -> Any:
+    """A schema field: its default, help text, the commands whose command line takes it, allowed values (`choices`,
+    or `bounds` [lo, hi) for a number), how other plain values read as its type (`parse`, applied to values that
+    are not strings), and how the flag reads (`cli`: "value", "flag" (store_true), "negated" (--no-NAME), "both"
+    (--NAME/--no-NAME), "append" (repeatable), "ratio" (a finite number), "hidden" (accepted, not listed))."""
+    meta = {"help": help, "commands": commands, "choices": choices, "cli": cli, "metavar": metavar,
+            "bounds": bounds, "parse": parse}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def _spec_text(value: Any) -> Any:
+    """A ratio spec given as a number or a list of numbers (as YAML writes them), as its text form."""
+    if isinstance(value, (int, float, list)) and not isinstance(value, bool):
+        return (json.dumps(value) if isinstance(value, list) else repr(value)).replace(" ", "")
+    return value
 
 
 @dataclass
@@ -42,7 +52,7 @@ class RunOptions:
 
     model: str = opt("resnet20", "model name (see `regprune models`; default resnet20)")
     out: str = opt("runs/run", "run directory")
-    seed: int = opt(0)
+    seed: int = opt(0, bounds=(0, 2**63))
     device: str = opt("auto", "auto (default), cpu or cuda")
     amp: bool = opt(False, "mixed precision on CUDA", cli="flag")
     channels_last: bool = opt(False, cli="flag")
@@ -104,7 +114,8 @@ class PruneOptions:
     base: str | None = opt(None, "model file to prune, 'pretrained' (torchvision) or 'random' (on purpose)",
                            commands=("prune",))
     ratios: str | None = opt(None, "globs '*layer*.conv1:0.5', stage list '[0,0.75,0.75,0.32,0]', VGG ranges "
-                                   "'[1-15:0.7]', or one number for the whole scope", commands=RATIO_COMMANDS)
+                                   "'[1-15:0.7]', or one number for the whole scope", commands=RATIO_COMMANDS,
+                            parse=_spec_text)
     speedup: float | None = opt(None, "target MACs speedup, solved over the scope", commands=RATIO_COMMANDS,
                                 cli="ratio")
     target_macs: float | None = opt(None, "target fraction of dense MACs to keep (e.g. 0.41)",
@@ -216,15 +227,17 @@ def check_value(option: Option, value: Any) -> Any:
     choices = option.meta.get("choices")
     if choices and value is not None and value not in choices:
         raise UserError(f"option {option.flat} must be one of {', '.join(choices)}, got {value!r}")
-    if option.flat == "seed" and not 0 <= value < 2**63:
-        raise UserError(f"option seed must lie in [0, 2^63), got {value}")
+    bounds = option.meta.get("bounds")
+    if bounds and value is not None and not bounds[0] <= value < bounds[1]:
+        raise UserError(f"option {option.flat} must lie in [{bounds[0]:g}, {bounds[1]:g}), got {value}")
     return value
 
 
 def _coerce(option: Option, value: Any) -> Any:
     args = typing.get_args(option.hint) or (option.hint,)
-    if option.flat == "ratios" and isinstance(value, (int, float, list)) and not isinstance(value, bool):
-        return (json.dumps(value) if isinstance(value, list) else repr(value)).replace(" ", "")
+    parse = option.meta.get("parse")
+    if parse is not None and not isinstance(value, str) and value is not None:
+        return parse(value)
     if isinstance(value, str) and (float in args or int in args):
         try:
             number = float(value)

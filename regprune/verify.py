@@ -145,28 +145,34 @@ def verify_outputs(pruned: nn.Module, reference: nn.Module, example_inputs: Any,
     more than `rtol` of the reference output's largest magnitude) and UserError when the dense reference
     itself cannot run the example inputs in eval mode. `reference` is a throwaway copy (it is left in float64)."""
     dtypes = {t.dtype for t in list(pruned.parameters()) + list(pruned.buffers()) if t.is_floating_point()}
+    inputs64 = float64_copy(example_inputs)
     try:
         if dtypes != {torch.float32}:
             raise TypeError("not a float32 model")
-        with torch.no_grad():
+        with torch.no_grad(), buffers_kept(reference):
             reference.double()
-            run_in_mode(reference, float64_copy(example_inputs), False)
+            ref_eval = run_in_mode(reference, inputs64, False)  # also the eval-mode reference output below
     except Exception:  # the model builds float32 tensors of its own, or an op lacks float64: check as it is
         reference.to(next(iter(dtypes))) if len(dtypes) == 1 else None
         result = _verify(pruned, reference, example_inputs, max(rtol, RTOL_FLOAT32))
         result.notes.append("compared in the model's own precision (it does not run in float64)")
         return result
     with _in_float64(pruned):
-        return _verify(pruned, reference, float64_copy(example_inputs), rtol)
+        return _verify(pruned, reference, inputs64, rtol, ref_eval)
 
 
-def _verify(pruned: nn.Module, reference: nn.Module, example_inputs: Any, rtol: float) -> Verification:
+def _verify(pruned: nn.Module, reference: nn.Module, example_inputs: Any, rtol: float,
+            ref_eval: Any = None) -> Verification:
+    """Both modes; `ref_eval`, when given, is the reference's eval-mode output on these inputs (not rerun)."""
     modes, notes, outputs, worst = [], [], 0, 0.0
     for mode in ("eval", "train"):
         inputs = example_inputs if mode == "eval" else train_batch(example_inputs)
         try:
-            with buffers_kept(reference):
-                ref_out = run_in_mode(reference, inputs, mode == "train")
+            if mode == "eval" and ref_eval is not None:
+                ref_out = ref_eval
+            else:
+                with buffers_kept(reference):
+                    ref_out = run_in_mode(reference, inputs, mode == "train")
         except Exception as exc:  # the user's own model fails: in eval a user error, in train a note
             if mode == "eval":
                 raise UserError(f"the model fails on the example inputs: {type(exc).__name__}: {str(exc)[:160]}") from None
@@ -251,12 +257,13 @@ def group_safety(model: nn.Module, example_inputs: Any, graph_factory: Callable,
     if key in _CACHE:
         return dict(_CACHE[key])
 
-    base = copy.deepcopy(model)
-    _sensitise(base)
     def traced(subset):
-        # a fresh trace per attempt: Torch-Pruning's graph keeps index mappings that an undone surgery can leave
-        # stale (seen on GoogLeNet), so a traced copy is never reused; it forms the groups cut in this attempt only
-        return graph_factory(copy.deepcopy(base), example_inputs, roots=list(subset))
+        # a fresh copy and trace per attempt: Torch-Pruning's graph keeps index mappings that an undone surgery can
+        # leave stale (seen on GoogLeNet), so a traced copy is never reused; it forms the groups cut in this
+        # attempt only. _sensitise is seeded: every attempt's copy has the same weights.
+        trial = copy.deepcopy(model)
+        _sensitise(trial)
+        return graph_factory(trial, example_inputs, roots=list(subset))
 
     def attempt(subset: dict[str, list[int]]) -> str | None:
         try:

@@ -98,8 +98,11 @@ class _NewIndices:
     giving each (layer, function) each index once forms the same group. A list longer than `limit` (more indices
     than any layer has channels: a reshape read as a flatten) raises IndexMappingDiverges."""
 
-    def __init__(self, dep, mappings: list, trav: _Traversal) -> None:
-        self.key, self.mappings, self.trav = (dep.target, dep.handler), mappings, trav
+    __slots__ = ("key", "mappings", "trav", "as_list")
+
+    def __init__(self, dep, trav: _Traversal) -> None:
+        self.key, self.mappings, self.trav = (dep.target, dep.handler), [], trav
+        self.as_list = [self]  # what the dependency's index_mapping is while the graph is mapped once
 
     def __call__(self, idxs):
         for mp in self.mappings:
@@ -135,6 +138,7 @@ def widest(model: nn.Module) -> int:
 
 
 _MAPPED_AT: "weakref.WeakKeyDictionary[tp.DependencyGraph, tuple]" = weakref.WeakKeyDictionary()
+_WRAPPERS: "weakref.WeakKeyDictionary[tp.DependencyGraph, tuple]" = weakref.WeakKeyDictionary()
 
 
 def _widths(dg: tp.DependencyGraph) -> tuple:
@@ -161,19 +165,23 @@ def mapped_once(dg: tp.DependencyGraph, limit: int) -> Iterator[_Traversal]:
     if _MAPPED_AT.get(dg) != widths:  # TP's mappings on the graph are for other widths (or never computed)
         _tp_update_index_mapping(dg)
         _MAPPED_AT[dg] = widths
-    trav = _Traversal(limit)
-    saved = []
-    for node in dg.module2node.values():
-        for dep in node.dependencies:
-            saved.append((dep, dep.index_mapping))
-            dep.index_mapping = [_NewIndices(dep, list(dep.index_mapping), trav)]
+    deps = [dep for node in dg.module2node.values() for dep in node.dependencies]
+    trav, wrappers = _WRAPPERS.get(dg, (None, []))
+    if trav is None or trav.limit != limit or [w.key for w in wrappers] != [(d.target, d.handler) for d in deps]:
+        trav = _Traversal(limit)  # built once per graph (cuts change widths and mappings, not dependencies)
+        wrappers = [_NewIndices(dep, trav) for dep in deps]
+        _WRAPPERS[dg] = (trav, wrappers)
+    trav.seen.clear()
+    for dep, w in zip(deps, wrappers):
+        w.mappings = dep.index_mapping  # TP's list for the current widths, put back on exit
+        dep.index_mapping = w.as_list
     _ONCE[dg] = trav
     try:
         yield trav
     finally:
         del _ONCE[dg]
-        for dep, mappings in saved:
-            dep.index_mapping = mappings
+        for dep, w in zip(deps, wrappers):
+            dep.index_mapping = w.mappings
 
 
 # ---------------------------------------------------------------------------------------------- tracing

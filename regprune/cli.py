@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import typing
 from typing import Any, Sequence
@@ -21,13 +20,14 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{where}{message} (see --help)")
 
 
-def _ratio_float(text: str) -> float:
+def _count(text: str) -> int:
+    """A whole number >= 1 (a size or a count), for the flags outside the options schema."""
     try:
-        v = float(text)
+        v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if math.isnan(v) or math.isinf(v):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
     return v
 
 
@@ -52,8 +52,7 @@ def _schema_flags(p: argparse.ArgumentParser, command: str) -> None:
         elif m["cli"] == "append":
             p.add_argument(flag, action="append", **kw)
         else:
-            typ = _ratio_float if m["cli"] == "ratio" else base if base in (int, float) else str
-            p.add_argument(flag, type=typ, choices=m["choices"], **kw)
+            p.add_argument(flag, type=base if base in (int, float) else str, choices=m["choices"], **kw)
 
 
 def _run_opts(p: argparse.ArgumentParser) -> None:
@@ -72,9 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="channel groups, scope and the MACs of a ratio spec")
     p.add_argument("--model", required=True)
-    p.add_argument("--num-classes", type=int, default=None)
-    p.add_argument("--in-channels", type=int, default=3)
-    p.add_argument("--input-size", type=int, default=None)
+    p.add_argument("--num-classes", type=_count, default=None)
+    p.add_argument("--in-channels", type=_count, default=3)
+    p.add_argument("--input-size", type=_count, default=None)
     p.add_argument("--shortcut", choices=["A", "B"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _schema_flags(p, "inspect")
@@ -104,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(needs: pip install 'regprune[export]')")
     p.add_argument("model_file")
     p.add_argument("--onnx", required=True, help="output .onnx path (written only if the check passes)")
-    p.add_argument("--input-size", type=int, default=None, help="image side (default: the model's native size)")
-    p.add_argument("--in-channels", type=int, default=None)
+    p.add_argument("--input-size", type=_count, default=None, help="image side (default: the model's native size)")
+    p.add_argument("--in-channels", type=_count, default=None)
     p.add_argument("--atol", type=float, default=None,
                    help="refuse the export when max |ONNX - PyTorch| on random inputs (batch 1 and 4) exceeds "
                         "ATOL x max(1, max |output|) (default 1e-4)")
@@ -121,6 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------- helpers
 _NOT_OPTIONS = {"cmd", "overwrite", "resume", "recipe", "dry_run", "json", "quick", "pattern", "model_file",
                 "greg"}
+
+
+def _check_schema_values(args: argparse.Namespace, command: str) -> None:
+    """Check the values given to `command`'s schema flags as a job's are (types, finite numbers, bounds, choices);
+    for commands whose flags do not become JobOptions (`inspect`). Raises UserError naming the option."""
+    from .jobs.options import check_value, options_for
+
+    for o in options_for(command):
+        if getattr(args, o.flat) is not None:
+            check_value(o, getattr(args, o.flat))
 
 
 def _options(args: argparse.Namespace, defaults: dict[str, Any]):
@@ -152,6 +161,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .jobs.plan import inspect_text
 
+    _check_schema_values(args, "inspect")
     print(inspect_text(args.model, num_classes=args.num_classes, in_channels=args.in_channels,
                        input_size=args.input_size, shortcut=args.shortcut, ratios=args.ratios, speedup=args.speedup,
                        target_macs=args.target_macs, skip=args.skip, round_to=args.round_to,

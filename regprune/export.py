@@ -123,12 +123,18 @@ def export_module(model: nn.Module, example: torch.Tensor, path: str | os.PathLi
     checked, atomic route for users' files.
 
     Raises:
-        UserError: onnx/onnxruntime missing; the exporter fails (its first message line is given).
+        UserError: onnx/onnxruntime missing; the model does not run on `example` (its shape and the first line of
+            the error are given); the exporter fails (its first message line is given).
     """
     require_onnxruntime()
     path = Path(path)
-    with torch.no_grad():
-        n_out = len(_outputs(model(example)))
+    try:
+        with torch.no_grad():
+            out = model(example)
+    except RuntimeError as exc:
+        raise UserError(f"the model does not run on inputs of shape {tuple(example.shape)}: "
+                        f"{_first_line(exc)}") from None
+    n_out = len(_outputs(out))
     names = ["logits"] + [f"output_{i}" for i in range(1, n_out)]
     axes = {n: {0: "batch"} for n in ["input", *names]}
     try:
@@ -143,9 +149,13 @@ def export_module(model: nn.Module, example: torch.Tensor, path: str | os.PathLi
     except UserError:
         raise
     except Exception as exc:
-        lines = str(exc).strip().splitlines() or [""]
-        raise UserError(f"ONNX export failed: {type(exc).__name__}: {lines[0][:200]}") from None
+        raise UserError(f"ONNX export failed: {type(exc).__name__}: {_first_line(exc)}") from None
     return path
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (at most 200 characters)."""
+    return (str(exc).strip().splitlines() or [""])[0][:200]
 
 
 @torch.no_grad()
@@ -209,9 +219,10 @@ def export_onnx(model_file: str | os.PathLike | nn.Module, onnx_path: str | os.P
 
     Raises:
         UserError: `onnx_path` exists and not `overwrite` (it is left untouched); onnx/onnxruntime missing
-            (the message says `pip install 'regprune[export]'`); an unreadable model file; an export failure;
-            a check over the tolerance (the figures are in the message). No file is left at `onnx_path` on
-            any error, and an existing one is kept.
+            (the message says `pip install 'regprune[export]'`); an unreadable model file; `in_channels` other
+            than the model file's recorded input channels; a model that does not run on the input shape (e.g. an
+            input too small for it); an export failure; a check over the tolerance (the figures are in the
+            message). No file is left at `onnx_path` on any error, and an existing one is kept.
     """
     out = Path(onnx_path)
     if not (atol >= 0):
@@ -233,9 +244,13 @@ def export_onnx(model_file: str | os.PathLike | nn.Module, onnx_path: str | os.P
         input_size = meta["input_size"]
     if input_size is None:
         input_size = model_info(arch["name"]).input_size if arch.get("name") else 32
-    channels = in_channels or arch.get("kwargs", {}).get("in_channels", 3)
+    recorded = arch.get("kwargs", {}).get("in_channels")
+    channels = in_channels or recorded or 3
     if input_size < 1 or channels < 1:
         raise UserError(f"input size and channels must be >= 1, got {input_size} and {channels}")
+    if recorded is not None and channels != recorded:
+        raise UserError(f"--in-channels {channels} does not match the model: it was built for {recorded} input "
+                        f"channel(s) (leave out --in-channels to use the model's own)")
     sample = (channels, input_size, input_size)
 
     made = [p for p in [out.parent, *out.parent.parents] if not p.exists()]

@@ -7,7 +7,7 @@ import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -21,7 +21,8 @@ from ..surgery import load_model
 from .options import FinetuneOptions, JobOptions, TrainOptions
 
 __all__ = ["RunDir", "start_run", "train_config", "load_job_data", "job_loaders", "example_input", "assumed_shapes",
-           "model_kwargs", "new_model", "NO_BASE", "load_base", "check_pretrained", "evaluate_on", "summary_row"]
+           "model_kwargs", "new_model", "NO_BASE", "load_base", "check_pretrained", "check_forward", "JobInputs",
+           "job_inputs", "evaluate_on", "summary_row"]
 
 
 # ---------------------------------------------------------------------------------------------- run dirs
@@ -218,6 +219,48 @@ def _pretrained(o: JobOptions, bundle: DataBundle) -> nn.Module:
                         f"({torch.hub.get_dir()}/checkpoints) and no network ({type(exc).__name__})") from None
     model.regprune_arch = {"name": o.run.model, "kwargs": {"num_classes": 1000, "in_channels": 3}}
     return model
+
+
+def check_forward(name: str, model: nn.Module, bundle: DataBundle) -> None:
+    """Run `model` once on `example_input(bundle)` (eval mode, no gradients; its train/eval mode is restored).
+
+    Raises:
+        UserError: the forward fails (e.g. the dataset's images are too small for the architecture); the message
+            names the model `name`, the dataset and its input size, and gives the first line of the error.
+    """
+    x = example_input(bundle)
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except RuntimeError as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"model {name} does not run on the {'x'.join(map(str, x.shape[1:]))} images of {bundle.name}: "
+                        f"the input is too small for the architecture, or of the wrong shape ({first})") from None
+    finally:
+        model.train(training)
+
+
+class JobInputs(NamedTuple):
+    """What a job reads before it writes anything: its dataset and the model it starts from."""
+
+    bundle: DataBundle
+    model: nn.Module
+
+
+def job_inputs(o: JobOptions, kind: str) -> JobInputs:
+    """The dataset of the options and the model a `kind` job starts from (the base to prune for "prune", a new
+    model for "train" and "scratch"), checked to run on one of the dataset's images. The job runner reads them
+    before it opens the run directory, so a mistake found here leaves an old run (even with --overwrite) as it was.
+
+    Raises:
+        UserError: the data spec cannot be read; no base, or one that cannot be read or does not fit the data
+            (`load_base`); the model does not run on the dataset's images (`check_forward`).
+    """
+    bundle = load_job_data(o)
+    model = load_base(o, bundle) if kind == "prune" else new_model(o, bundle)
+    check_forward(o.run.model, model, bundle)
+    return JobInputs(bundle, model)
 
 
 def evaluate_on(model: nn.Module, loader, device: str) -> dict[str, float]:

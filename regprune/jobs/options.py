@@ -11,6 +11,7 @@ prefixed with `ft_`: `--ft-lr` is `finetune.lr`. Recipes may be flat, nested by 
 from __future__ import annotations
 
 import json
+import math
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -20,23 +21,31 @@ from typing import Any, Iterator
 from ..errors import UserError
 
 __all__ = ["JobOptions", "RunOptions", "DataOptions", "TrainOptions", "FinetuneOptions", "PruneOptions",
-           "SPMOptions", "Option", "options_for", "load_recipe", "merge_options", "COMMAND_DEFAULTS"]
+           "SPMOptions", "Option", "options_for", "check_value", "check_type", "load_recipe", "merge_options",
+           "COMMAND_DEFAULTS"]
 
 JOBS = ("train", "prune", "scratch")
 
 
 def opt(default: Any, help: str = "", *, commands: tuple[str, ...] = JOBS, choices: tuple[str, ...] | None = None,
         cli: str = "value", metavar: str | None = None, bounds: tuple[float, float] | None = None,
-        parse: Any = None) -> Any:
+        parse: Any = None, finite: bool = True) -> Any:
     """A schema field: its default, help text, the commands whose command line takes it, allowed values (`choices`,
-    or `bounds` [lo, hi) for a number), how other plain values read as its type (`parse`, applied to values that
-    are not strings), and how the flag reads (`cli`: "value", "flag" (store_true), "negated" (--no-NAME), "both"
-    (--NAME/--no-NAME), "append" (repeatable), "ratio" (a finite number), "hidden" (accepted, not listed))."""
+    or `bounds` [lo, hi) for a number, hi may be math.inf; a float must be finite unless `finite` is False), how
+    other plain values read as its type (`parse`, applied to values that are not strings), and how the flag reads
+    (`cli`: "value", "flag" (store_true), "negated" (--no-NAME), "both" (--NAME/--no-NAME), "append" (repeatable),
+    "hidden" (accepted, not listed))."""
     meta = {"help": help, "commands": commands, "choices": choices, "cli": cli, "metavar": metavar,
-            "bounds": bounds, "parse": parse}
+            "bounds": bounds, "parse": parse, "finite": finite}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+# common bounds [lo, hi)
+COUNT = (1, math.inf)          # sizes, counts, batch sizes
+AT_LEAST_0 = (0, math.inf)     # epochs, learning rates, weight decay, loss weights, step counts where 0 means "off"
+FRACTION = (0, 1)              # momentum, smoothing, ratios
 
 
 def _spec_text(value: Any) -> Any:
@@ -57,7 +66,7 @@ class RunOptions:
     amp: bool = opt(False, "mixed precision on CUDA", cli="flag")
     channels_last: bool = opt(False, cli="flag")
     progress: bool = opt(True, cli="negated")
-    checkpoint_every: int = opt(0, "optimizer steps between checkpoints (default: each epoch)")
+    checkpoint_every: int = opt(0, "optimizer steps between checkpoints (default: each epoch)", bounds=AT_LEAST_0)
     shortcut: str | None = opt(None, "CIFAR ResNet shortcut option (default A)", choices=("A", "B"))
     debug_rank_dump: str | None = opt(None, "write each rank's view of every phase boundary into DIR",
                                       commands=("train", "prune"), cli="hidden", metavar="DIR")
@@ -69,37 +78,37 @@ class DataOptions:
 
     name: str = opt("mnist5k", "dataset (default mnist5k): mnist5k, digits, fashion-mnist[:PATH], cifar10:PATH, "
                                "cifar100:PATH, imagefolder:PATH")
-    batch_size: int = opt(128)
-    workers: int = opt(0, "data loader worker processes")
-    limit_train: int | None = opt(None, "use only this many training images")
-    limit_test: int | None = opt(None, "use only this many test images")
+    batch_size: int = opt(128, bounds=COUNT)
+    workers: int = opt(0, "data loader worker processes", bounds=AT_LEAST_0)
+    limit_train: int | None = opt(None, "use only this many training images", bounds=COUNT)
+    limit_test: int | None = opt(None, "use only this many test images", bounds=COUNT)
 
 
 @dataclass
 class TrainOptions:
     """Training from scratch (`train`, `scratch`) and the optimizer of every phase."""
 
-    epochs: float = opt(10, commands=("train", "scratch"))
-    lr: float = opt(0.1, commands=("train", "scratch"))
+    epochs: float = opt(10, commands=("train", "scratch"), bounds=AT_LEAST_0)
+    lr: float = opt(0.1, commands=("train", "scratch"), bounds=AT_LEAST_0)
     lr_schedule: str = opt("cosine", "'cosine', 'constant' or per-epoch steps like 0:0.1,100:0.01",
                            commands=("train", "scratch"))
     warmup_epochs: float | None = opt(None, "linear warm-up epochs (default 0; scratch: the official 8/90 of the "
-                                            "epochs)", commands=("train", "scratch"))
-    momentum: float = opt(0.9)
+                                            "epochs)", commands=("train", "scratch"), bounds=AT_LEAST_0)
+    momentum: float = opt(0.9, bounds=FRACTION)
     nesterov: bool = opt(False, cli="flag")
-    weight_decay: float = opt(5e-4)
+    weight_decay: float = opt(5e-4, bounds=AT_LEAST_0)
     no_wd_bn_bias: bool = opt(False, "no weight decay on BatchNorm parameters and biases", cli="flag")
-    label_smoothing: float = opt(0.0)
+    label_smoothing: float = opt(0.0, bounds=FRACTION)
 
 
 @dataclass
 class FinetuneOptions:
     """Fine-tuning after removal (`prune`). Flat names: `ft_epochs`, `ft_lr`, `ft_lr_schedule`, `ft_warmup_epochs`."""
 
-    epochs: float = opt(10, commands=("prune",))
-    lr: float = opt(0.01, commands=("prune",))
+    epochs: float = opt(10, commands=("prune",), bounds=AT_LEAST_0)
+    lr: float = opt(0.01, commands=("prune",), bounds=AT_LEAST_0)
     lr_schedule: str = opt("cosine", "'cosine', 'constant' or per-epoch steps like 0:0.1,100:0.01", commands=("prune",))
-    warmup_epochs: float = opt(0.0, commands=("prune",))
+    warmup_epochs: float = opt(0.0, commands=("prune",), bounds=AT_LEAST_0)
 
 
 RATIO_COMMANDS = ("prune", "inspect")
@@ -116,12 +125,12 @@ class PruneOptions:
     ratios: str | None = opt(None, "globs '*layer*.conv1:0.5', stage list '[0,0.75,0.75,0.32,0]', VGG ranges "
                                    "'[1-15:0.7]', or one number for the whole scope", commands=RATIO_COMMANDS,
                             parse=_spec_text)
-    speedup: float | None = opt(None, "target MACs speedup, solved over the scope", commands=RATIO_COMMANDS,
-                                cli="ratio")
+    speedup: float | None = opt(None, "target MACs speedup, solved over the scope", commands=RATIO_COMMANDS)
     target_macs: float | None = opt(None, "target fraction of dense MACs to keep (e.g. 0.41)",
-                                    commands=RATIO_COMMANDS + ("scratch",), cli="ratio")
+                                    commands=RATIO_COMMANDS + ("scratch",))
     skip: list[str] = opt([], "glob of layers never to prune (repeatable)", commands=RATIO_COMMANDS, cli="append")
-    round_to: int | None = opt(None, "round kept widths to a multiple of this (e.g. 8)", commands=RATIO_COMMANDS)
+    round_to: int | None = opt(None, "round kept widths to a multiple of this (e.g. 8)", commands=RATIO_COMMANDS,
+                               bounds=COUNT)
     include_coupled: bool = opt(False, "also prune residual-coupled groups (and stems)", commands=RATIO_COMMANDS,
                                 cli="flag")
     pick: str = opt("min", commands=("prune",), choices=("min", "max", "rand"))
@@ -130,7 +139,8 @@ class PruneOptions:
                                    "whole coupled group", commands=("prune",), choices=("filter", "group"))
     unstructured: bool = opt(False, "per-weight instead of per-filter", commands=("prune",), cli="flag")
     sparsity: float | None = opt(None, "with --unstructured: zero this fraction of the weights of every conv and "
-                                       "linear layer (the paper's ResNet-50: 0.827)", commands=("prune",), cli="ratio")
+                                       "linear layer (the paper's ResNet-50: 0.827)", commands=("prune",),
+                                bounds=FRACTION)
     penalty: str = opt("filter", "GReg's penalty: on the pruned filters only (default, the paper's) or on every "
                                  "member of their channel group: BN scale and shift and the consumers' input "
                                  "channels (Group-GReg)", commands=("prune",), choices=("filter", "group"))
@@ -139,8 +149,8 @@ class PruneOptions:
                              "0: off)", commands=("prune",), metavar="N")
     reg_iters: int | None = opt(None, "fit GReg's whole schedule into about this many iterations, with levels set "
                                       "so the penalty integrates enough decay at the run's lr and momentum without "
-                                      "ringing (see --dry-run)", commands=("prune",))
-    reg_batch_size: int | None = opt(None, commands=("prune",))
+                                      "ringing (see --dry-run)", commands=("prune",), bounds=COUNT)
+    reg_batch_size: int | None = opt(None, commands=("prune",), bounds=COUNT)
     greg: dict[str, Any] = opt({}, "GReg setting by its paper name, e.g. update_reg_interval=5 (repeatable)",
                                commands=("prune",), cli="append", metavar="NAME=VALUE")
 
@@ -149,11 +159,12 @@ class PruneOptions:
 class SPMOptions:
     """Pruning from scratch (`scratch`); None: the method's default (`jobs.scratch.spm_settings`)."""
 
-    search_epochs: float | None = opt(None, "epochs with gates learning (S_max)", commands=("scratch",))
-    alpha_nuc: float | None = opt(None, commands=("scratch",))
-    alpha_mac: float | None = opt(None, commands=("scratch",))
+    search_epochs: float | None = opt(None, "epochs with gates learning (S_max)", commands=("scratch",),
+                                      bounds=AT_LEAST_0)
+    alpha_nuc: float | None = opt(None, commands=("scratch",), bounds=AT_LEAST_0)
+    alpha_mac: float | None = opt(None, commands=("scratch",), bounds=AT_LEAST_0)
     nuc_every: int | None = opt(None, "steps between nuclear-norm terms (on a GPU, 10 or more: see the README)",
-                                commands=("scratch",))
+                                commands=("scratch",), bounds=COUNT)
     mac_grad_inputs: bool | None = opt(None, "MACs loss differentiable in input counts too (the authors hold them "
                                              "constant)", commands=("scratch",), cli="flag")
     mac_norm: str | None = opt(None, "MACs loss scale: 'matched' (default: the paper's ResNet-50 push relative to "
@@ -161,15 +172,16 @@ class SPMOptions:
                                      "or 'dense' (alpha-mac x squared gap in fractions of dense MACs)",
                                commands=("scratch",), choices=("matched", "unit", "dense"))
     gate_lr_scale: float | None = opt(None, "gates' learning-rate factor (default 1, as the official code)",
-                                      commands=("scratch",))
+                                      commands=("scratch",), bounds=AT_LEAST_0)
     exact_budget: bool | None = opt(None, "at S_max move gates by importance until MACs are within 1%% of the "
                                           "budget (default off, as in the paper: the gates stay where the search "
                                           "left them)", commands=("scratch",), cli="both")
     tie_spread: float | None = opt(None, "MACs-gradient factor 1 +/- this by the rank of each channel's weight "
                                          "magnitude in its group (default 0.5; 0: the paper's identical push)",
-                                   commands=("scratch",))
+                                   commands=("scratch",), bounds=FRACTION)
     snap_floor: float | None = opt(None, "with --exact-budget, the fraction of each group's channels the snap never "
-                                         "goes below (default 0.1)", commands=("scratch",))
+                                         "goes below (default 0.1)", commands=("scratch",),
+                                   bounds=FRACTION)
 
 
 SECTIONS: dict[str, type] = {"run": RunOptions, "data": DataOptions, "train": TrainOptions,
@@ -222,22 +234,25 @@ COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
 def check_value(option: Option, value: Any) -> Any:
     """`value` if it fits the option's type hint and allowed values (an int passes as a float; a bool never as a
     number; a string that reads as a number passes as one, since YAML reads `1e-3` as a string; a ratio spec may
-    be a number or a list of numbers), else UserError naming the option, the type and the value."""
-    value = _check_type(option, _coerce(option, value))
+    be a number or a list of numbers; a float must be finite unless the option says otherwise; a number must lie
+    within the option's `bounds`), else UserError naming the option, what it expects and the value."""
+    parse = option.meta.get("parse")
+    if parse is not None and not isinstance(value, str) and value is not None:
+        value = parse(value)
+    value = check_type(f"option {option.flat}", option.hint, value, finite=option.meta.get("finite", True))
     choices = option.meta.get("choices")
     if choices and value is not None and value not in choices:
         raise UserError(f"option {option.flat} must be one of {', '.join(choices)}, got {value!r}")
     bounds = option.meta.get("bounds")
     if bounds and value is not None and not bounds[0] <= value < bounds[1]:
-        raise UserError(f"option {option.flat} must lie in [{bounds[0]:g}, {bounds[1]:g}), got {value}")
+        lo, hi = bounds
+        expected = f"be >= {lo:g}" if hi == math.inf else f"lie in [{lo:g}, {hi:g})"
+        raise UserError(f"option {option.flat} must {expected}, got {value}")
     return value
 
 
-def _coerce(option: Option, value: Any) -> Any:
-    args = typing.get_args(option.hint) or (option.hint,)
-    parse = option.meta.get("parse")
-    if parse is not None and not isinstance(value, str) and value is not None:
-        return parse(value)
+def _number_text(args: tuple, value: Any) -> Any:
+    """A string that reads as a number, as that number when the type allows one (YAML reads `1e-3` as a string)."""
     if isinstance(value, str) and (float in args or int in args):
         try:
             number = float(value)
@@ -247,30 +262,36 @@ def _coerce(option: Option, value: Any) -> Any:
     return value
 
 
-def _check_type(option: Option, value: Any) -> Any:
-    hint = option.hint
+def check_type(what: str, hint: Any, value: Any, *, finite: bool = True) -> Any:
+    """`value` if it fits the type `hint` (an int passes as a float, as a float; a bool never as a number; a string
+    that reads as a number passes as one; a list or tuple as a list or tuple of the hint's item type; with
+    `finite`, a float must be a finite number), else UserError "WHAT must be of type ..., got VALUE" (`what` names
+    the setting, e.g. "option lr")."""
     args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    value = _number_text(args, value)
     if value is None:
         if type(None) in args:
             return value
-        raise UserError(f"option {option.flat} needs a value of type {_name(hint)}, got null")
+        raise UserError(f"{what} needs a value of type {_name(hint)}, got null")
     for a in args:
         if a is type(None):
             continue
         origin = typing.get_origin(a) or a
         if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if finite and not math.isfinite(value):
+                raise UserError(f"{what} must be a finite number, got {value}")
             return float(value) if isinstance(value, int) else value
         if origin is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if origin in (str, bool) and isinstance(value, origin):
             return value
-        if origin is list and isinstance(value, list):
+        if origin in (list, tuple) and isinstance(value, (list, tuple)):
             item = (typing.get_args(a) or (Any,))[0]
             if item is Any or all(isinstance(v, item) for v in value):
-                return list(value)
+                return origin(value)
         if origin is dict and isinstance(value, dict):
             return dict(value)
-    raise UserError(f"option {option.flat} must be of type {_name(hint)}, got {value!r}")
+    raise UserError(f"{what} must be of type {_name(hint)}, got {value!r}")
 
 
 def _name(hint: Any) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+import typing
 from typing import Any
 
 import torch
@@ -20,10 +21,10 @@ from ..methods.l1 import CRITERIA
 from ..models import model_info
 from ..ratios import make_plan
 from ..surgery import apply_picks, load_model, save_model
-from .common import (NO_BASE, RunDir, check_pretrained, evaluate_on, example_input, job_loaders, load_base,
-                     load_job_data, train_config)
+from .common import (NO_BASE, JobInputs, RunDir, check_pretrained, evaluate_on, example_input, job_inputs,
+                     job_loaders, train_config)
 from .debug import rank_dump
-from .options import JobOptions
+from .options import JobOptions, check_type
 from .report import prune_report
 
 __all__ = ["prune_job", "greg_config", "prune_plan", "check_options", "check_plan_options"]
@@ -52,8 +53,10 @@ class _StatusLine:
 
 def greg_config(o: JobOptions, steps_per_epoch: int) -> GRegConfig:
     """The paper's GReg schedule (budget-aware, scaled to --reg-iters when given, for the run's momentum), with any
-    per-name overrides."""
-    overrides = dict(o.prune.greg)
+    per-name overrides. Raises UserError on an unknown setting, a value not of the setting's type (naming the
+    setting and the type) or out of its range, or `lr` / `momentum` settings that contradict the options."""
+    hints = typing.get_type_hints(GRegConfig)
+    overrides = {k: check_type(f"--greg {k}", hints[k], v) if k in hints else v for k, v in o.prune.greg.items()}
     if "lr" in overrides and not ("lr_prune" in overrides and overrides["lr"] == overrides["lr_prune"]):
         raise UserError("--greg lr is not a GReg setting: use lr_prune (the regularization phase's learning rate)")
     overrides.pop("lr", None)  # the same value as lr_prune: a redundant alias
@@ -155,16 +158,18 @@ def check_options(o: JobOptions, job: str) -> None:
     check_plan_options(o)
 
 
-def prune_job(o: JobOptions, run: RunDir) -> dict[str, Any]:
-    """Base -> (regularize) -> remove -> fine-tune -> evaluate -> report, resumable phase by phase."""
+def prune_job(o: JobOptions, run: RunDir, inputs: JobInputs | None = None) -> dict[str, Any]:
+    """Base -> (regularize) -> remove -> fine-tune -> evaluate -> report, resumable phase by phase. `inputs`: the
+    dataset and base when already read (default: `job_inputs(o, "prune")`). Raises UserError on a mistake in the
+    options, the data or the base (see `job_inputs`) or the plan."""
     if o.prune.method not in ("l1", "greg1", "greg2"):
         raise UserError(f"unknown method {o.prune.method!r}: expected l1, greg1 or greg2 (or use `regprune scratch`)")
     if o.prune.criterion not in CRITERIA:
         raise UserError(f"unknown criterion {o.prune.criterion!r}: expected one of {', '.join(CRITERIA)}")
-    bundle = load_job_data(o)
+    bundle, model = inputs or job_inputs(o, "prune")
+    model = model.cpu()
     x = example_input(bundle)
     train_loader, test_loader = job_loaders(o, bundle)
-    model = load_base(o, bundle).cpu()
     dense = copy.deepcopy(model)
     results = run.state["results"]
     if "base" not in results:

@@ -9,15 +9,15 @@ from typing import Any, Callable
 
 from ..errors import UserError
 from ..models import model_info
-from .common import RunDir, discard_unstarted, start_run, train_config
+from .common import JobInputs, RunDir, discard_unstarted, example_input, job_inputs, start_run, train_config
 from .options import JobOptions
-from .prune import check_options, prune_job
+from .prune import check_options, prune_job, prune_plan
 from .scratch import scratch_job, scratch_plan_text, spm_overrides, spm_settings
 from .train import train_job
 
-__all__ = ["JOB_KINDS", "check_job", "dry_run_text", "run_job"]
+__all__ = ["JOB_KINDS", "check_job", "check_inputs", "dry_run_text", "run_job"]
 
-JOB_KINDS: dict[str, Callable[[JobOptions, RunDir], dict[str, Any]]] = {
+JOB_KINDS: dict[str, Callable[..., dict[str, Any]]] = {  # (options, run dir, inputs=JobInputs) -> results
     "train": train_job, "prune": prune_job, "scratch": scratch_job}
 
 
@@ -31,6 +31,13 @@ def check_job(kind: str, o: JobOptions) -> None:
         train_config(o, o.train, warmup=s["warmup_epochs"]).validate()
     else:
         check_options(o, kind)
+
+
+def check_inputs(kind: str, o: JobOptions, inputs: JobInputs) -> None:
+    """The mistakes visible once the data and the starting model are read (`job_inputs`): for a prune job, a plan
+    that cannot be made (a ratio pattern that matches nothing, ratios that prune nothing, ...); UserError."""
+    if kind == "prune":
+        prune_plan(o, inputs.model, example_input(inputs.bundle))
 
 
 def dry_run_text(kind: str, o: JobOptions) -> str:
@@ -58,11 +65,15 @@ def run_job(kind: str, o: JobOptions, *, overwrite: bool = False, resume: bool =
     """Check the options, open the run directory `o.run.out` (`overwrite` an existing one, or `resume` it), run
     the `kind` job ("train", "prune" or "scratch") and return its results: the job's own ("table", and "report"
     or "row"), plus "run" (the RunDir) and "lines" (what to print after the table). Raises UserError on a mistake
-    in the options or the run directory, before anything is written."""
+    in the options, the data, the base model (or a model that does not run on the data: `job_inputs`), the prune
+    plan or the run directory before anything is written or cleared; on a later one, a fresh run directory is
+    removed again."""
     check_job(kind, o)
+    inputs = job_inputs(o, kind)  # before the run directory: with --overwrite, a typo must not cost the old run
+    check_inputs(kind, o, inputs)
     run = start_run(o, overwrite=overwrite, resume=resume, job=kind)
     try:
-        out = JOB_KINDS[kind](o, run)
+        out = JOB_KINDS[kind](o, run, inputs=inputs)
     except UserError:
         if not resume:  # a mistake found with the data or the base model: leave nothing to --overwrite
             discard_unstarted(run)

@@ -18,7 +18,7 @@ from ..models import create_model
 from ..reconfigure import reconfigure
 from ..report import compare_latency, format_table, latency_lines, plot_lines
 from ..surgery import save_model
-from .common import (RunDir, assumed_shapes, evaluate_on, example_input, job_loaders, load_job_data, new_model,
+from .common import (JobInputs, RunDir, assumed_shapes, evaluate_on, example_input, job_inputs, job_loaders,
                      summary_row, train_config)
 from .options import JobOptions
 from .report import write_report
@@ -241,15 +241,17 @@ def scratch_plan_text(o: JobOptions, extra: dict[str, Any] | None = None) -> str
     return "\n".join(lines)
 
 
-def scratch_job(o: JobOptions, run: RunDir, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def scratch_job(o: JobOptions, run: RunDir, extra: dict[str, Any] | None = None, *,
+                inputs: JobInputs | None = None) -> dict[str, Any]:
     """Search with gates from random init, freeze at S_max, train on, reconfigure exactly, report. `extra`: SPM
-    settings (default: the options', `spm_overrides`)."""
+    settings (default: the options', `spm_overrides`); `inputs`: the dataset and new model when already read
+    (default: `job_inputs(o, "scratch")`). Raises UserError on a mistake in the settings, the data or the model
+    (see `job_inputs`)."""
     _require_target(o)
     extra = spm_overrides(o) if extra is None else extra
-    bundle = load_job_data(o)
+    bundle, model = inputs or job_inputs(o, "scratch")
     x = example_input(bundle)
     train_loader, test_loader = job_loaders(o, bundle)
-    model = new_model(o, bundle)
     dense = copy.deepcopy(model)
     gates = insert_gates(model, x)
     s = spm_settings(gates.graph.total_macs, o.train.epochs, extra)

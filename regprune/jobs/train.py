@@ -10,18 +10,18 @@ from ..data import load_data, make_loaders
 from ..errors import UserError
 from ..report import format_table
 from ..surgery import load_model, save_model
-from .common import (RunDir, evaluate_on, example_input, job_loaders, load_job_data, new_model, summary_row,
-                     train_config)
+from .common import JobInputs, RunDir, evaluate_on, example_input, job_inputs, job_loaders, summary_row, train_config
 from .options import JobOptions
 
 __all__ = ["train_job", "eval_job"]
 
 
-def train_job(o: JobOptions, run: RunDir) -> dict[str, Any]:
-    """Train a dense base model from scratch and write run/model.safetensors."""
-    bundle = load_job_data(o)
+def train_job(o: JobOptions, run: RunDir, inputs: JobInputs | None = None) -> dict[str, Any]:
+    """Train a dense base model from scratch and write run/model.safetensors. `inputs`: the dataset and new model
+    when already read (default: `job_inputs(o, "train")`). Raises UserError on a mistake in the data or the model
+    (see `job_inputs`) or in training settings."""
+    bundle, model = inputs or job_inputs(o, "train")
     train_loader, test_loader = job_loaders(o, bundle)
-    model = new_model(o, bundle)
     if run.done("train"):
         model, _ = load_model(run.file("model.safetensors"))
     else:

@@ -246,6 +246,7 @@ class JobInputs(NamedTuple):
 
     bundle: DataBundle
     model: nn.Module
+    planned: Any = None  # a prune job's (graph, plan) for `model`, once made (`runner.check_inputs`)
 
 
 def job_inputs(o: JobOptions, kind: str) -> JobInputs:

@@ -117,6 +117,8 @@ def inspect_text(model_name: str, *, num_classes: int | None = None, in_channels
              f"{len(graph.groups)} channel groups, {len(graph.scope())} in scope"]
     if rows:
         lines.append(format_table(rows, list(rows[0])))
+        lines.append("MACs %: share of the model's MACs in the layers a group touches as producer or consumer; a "
+                     "layer between two groups counts in both, so the column can sum past 100")
     if uncounted:
         lines.append(f"note: MACs leave out {len(uncounted)} layer(s) of kinds the counter does not know: "
                      + ", ".join(f"{n} ({k})" for n, k in uncounted[:5]))

@@ -166,7 +166,7 @@ def prune_job(o: JobOptions, run: RunDir, inputs: JobInputs | None = None) -> di
         raise UserError(f"unknown method {o.prune.method!r}: expected l1, greg1 or greg2 (or use `regprune scratch`)")
     if o.prune.criterion not in CRITERIA:
         raise UserError(f"unknown criterion {o.prune.criterion!r}: expected one of {', '.join(CRITERIA)}")
-    bundle, model = inputs or job_inputs(o, "prune")
+    bundle, model, planned = inputs or job_inputs(o, "prune")
     model = model.cpu()
     x = example_input(bundle)
     train_loader, test_loader = job_loaders(o, bundle)
@@ -176,7 +176,7 @@ def prune_job(o: JobOptions, run: RunDir, inputs: JobInputs | None = None) -> di
         run.mark("base", base=evaluate_on(model, test_loader, o.run.device))
     model.cpu()
     rank_dump(o.run.debug_rank_dump, "base", model)
-    graph, plan = prune_plan(o, model, x)
+    graph, plan = planned or prune_plan(o, model, x)
     run.mark("plan", plan={"ratios": plan.ratios, "removal": plan.removal, "dense_macs": plan.dense_macs,
                            "pruned_macs": plan.pruned_macs, "speedup": plan.speedup, "note": plan.note})
     if plan.note and E.is_main():

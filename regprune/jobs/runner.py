@@ -33,11 +33,13 @@ def check_job(kind: str, o: JobOptions) -> None:
         check_options(o, kind)
 
 
-def check_inputs(kind: str, o: JobOptions, inputs: JobInputs) -> None:
+def check_inputs(kind: str, o: JobOptions, inputs: JobInputs) -> JobInputs:
     """The mistakes visible once the data and the starting model are read (`job_inputs`): for a prune job, a plan
-    that cannot be made (a ratio pattern that matches nothing, ratios that prune nothing, ...); UserError."""
+    that cannot be made (a ratio pattern that matches nothing, ratios that prune nothing, ...); UserError.
+    Returns `inputs` with a prune job's (graph, plan) in `planned`, for the job to use."""
     if kind == "prune":
-        prune_plan(o, inputs.model, example_input(inputs.bundle))
+        return inputs._replace(planned=prune_plan(o, inputs.model, example_input(inputs.bundle)))
+    return inputs
 
 
 def dry_run_text(kind: str, o: JobOptions) -> str:
@@ -70,7 +72,7 @@ def run_job(kind: str, o: JobOptions, *, overwrite: bool = False, resume: bool =
     removed again."""
     check_job(kind, o)
     inputs = job_inputs(o, kind)  # before the run directory: with --overwrite, a typo must not cost the old run
-    check_inputs(kind, o, inputs)
+    inputs = check_inputs(kind, o, inputs)
     run = start_run(o, overwrite=overwrite, resume=resume, job=kind)
     try:
         out = JOB_KINDS[kind](o, run, inputs=inputs)

@@ -249,7 +249,7 @@ def scratch_job(o: JobOptions, run: RunDir, extra: dict[str, Any] | None = None,
     (see `job_inputs`)."""
     _require_target(o)
     extra = spm_overrides(o) if extra is None else extra
-    bundle, model = inputs or job_inputs(o, "scratch")
+    bundle, model, _ = inputs or job_inputs(o, "scratch")
     x = example_input(bundle)
     train_loader, test_loader = job_loaders(o, bundle)
     dense = copy.deepcopy(model)

@@ -20,7 +20,7 @@ def train_job(o: JobOptions, run: RunDir, inputs: JobInputs | None = None) -> di
     """Train a dense base model from scratch and write run/model.safetensors. `inputs`: the dataset and new model
     when already read (default: `job_inputs(o, "train")`). Raises UserError on a mistake in the data or the model
     (see `job_inputs`) or in training settings."""
-    bundle, model = inputs or job_inputs(o, "train")
+    bundle, model, _ = inputs or job_inputs(o, "train")
     train_loader, test_loader = job_loaders(o, bundle)
     if run.done("train"):
         model, _ = load_model(run.file("model.safetensors"))

@@ -241,6 +241,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except (MemoryError, RuntimeError) as exc:  # out of memory (CPU allocator or CUDA): one line, not a traceback
+        text = str(exc)
+        if not isinstance(exc, MemoryError) and "allocate" not in text and "out of memory" not in text:
+            raise
+        first = (text.strip().splitlines() or ["MemoryError"])[0][:200]
+        print(f"regprune: error: out of memory (a smaller --input-size, --batch-size or model may fit): {first}",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

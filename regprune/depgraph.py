@@ -115,6 +115,10 @@ class _NewIndices:
                     raise IndexMappingDiverges(
                         "its channel indices do not settle through the model's reshapes (a mapping gives more "
                         f"than {self.trav.limit} indices, far more than any layer of the model has channels)")
+        if idxs and max(i.idx for i in idxs) >= self.trav.limit:  # an offset applied round a cycle, again and again
+            raise IndexMappingDiverges(
+                "its channel indices do not settle: a mapping gives an index past any layer's width (a cycle in the "
+                "traced graph, as through a recurrent layer)")
         seen = self.trav.seen.setdefault(self.key, set())
         new: dict[int, Any] = {}
         for i in idxs:

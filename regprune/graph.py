@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -99,19 +101,42 @@ class GroupGraph:
         return self.model.get_submodule(name)
 
     def _members(self, group) -> list[Member]:
-        seen = set()
-        members = []
+        """One Member per (layer, side) the group touches; its `per_channel` counts every distinct channel index
+        the layer gets on that side, over all the dependencies that reach it (a layer that reads a channel at two
+        positions, as after concatenating a tensor with a depthwise copy of itself in a ghost module, loses 2)."""
+        touched: dict[tuple[str, str], tuple[str, set]] = {}
         n = max(1, len(group[0].idxs))
         for dep, idxs in group:
             mod = dep.target.module
             if not isinstance(mod, nn.Module) or mod not in self.names:
                 continue
             side = "out" if self.dg.is_out_channel_pruning_fn(dep.handler) else "in"
-            key = (self.names[mod], side)
-            if key not in seen:
-                seen.add(key)
-                members.append(Member(self.names[mod], type(mod).__name__, side, len(idxs) / n))
-        return members
+            kind, seen = touched.setdefault((self.names[mod], side), (type(mod).__name__, set()))
+            seen.update(int(i) for i in idxs)
+        return [Member(name, kind, side, len(seen) / n) for (name, side), (kind, seen) in touched.items()]
+
+    def _self_period(self, root_mod: nn.Module, channels: int) -> int | None:
+        """How many of its own channels removing one channel of `root_mod`'s group removes: r when channel i takes
+        i + channels/r, i + 2 channels/r, ... with it (a tensor concatenated with a depthwise copy of itself, as in
+        ghost modules: the group then behaves like one through a grouped conv of r blocks); None when the channels
+        it takes are not at such periodic positions. Checked for the first and the last channel of the first block."""
+        fn = tp.prune_linear_out_channels if isinstance(root_mod, nn.Linear) else tp.prune_conv_out_channels
+
+        def taken(i: int) -> set[int]:
+            with mapped_once(self.dg, self._limit) as trav:
+                trav.seen.clear()
+                group = self.dg.get_pruning_group(root_mod, fn, [i])
+            return {int(j) for dep, idxs in group if dep.target.module is root_mod
+                    and self.dg.is_out_channel_pruning_fn(dep.handler) for j in idxs}
+
+        first = taken(0)
+        r = len(first)
+        if r == 1:
+            return 1
+        block = channels // r
+        if channels % r or first != {b * block for b in range(r)}:
+            return None
+        return r if taken(block - 1) == {b * block + block - 1 for b in range(r)} else None
 
     def _beyond(self, group) -> str:
         """Why `group` indexes channels a layer does not have ('' when it does not): a reshape read as a flatten
@@ -215,9 +240,15 @@ class GroupGraph:
                     g.ch_groups = max(g.ch_groups, mod.groups)
                     width = mod.out_channels if m.side == "out" else mod.in_channels
                     partial |= width != g.channels
+            period = self._self_period(root_mod, g.channels) if any(m.per_channel < 1 for m in members) else 1
+            if period:
+                g.ch_groups = math.lcm(g.ch_groups, period)
             readers = {m.name for m in members if m.side == "in"}
             if any(w in self.outputs for w in writers):
                 g.kind, g.reason = "output", "network output: these channels reach a model output"
+            elif period is None:
+                g.reason = ("its channels are coupled to each other in a pattern that is not periodic (removing one "
+                            "removes others of the same group at irregular positions)")
             elif partial:
                 g.reason = "covers only part of a grouped conv's channels (cannot keep its groups even)"
             elif g.channels < 2:

@@ -239,7 +239,7 @@ CASES: dict[str, Case] = {
     "greg-without-equals": Case(prune(*RANDOM, "--speedup", "2", "--method", "greg1", "--greg", "fast"),
                                 ("NAME=VALUE",)),
     "greg-unknown-setting": Case(prune(*RANDOM, "--speedup", "2", "--method", "greg1", "--greg", "warp_speed=9"),
-                                 ("bad GReg setting", "warp_speed")),
+                                 ("unknown GReg setting", "warp_speed", "known: ")),
     "greg-bad-value": Case(prune(*RANDOM, "--speedup", "2", "--method", "greg2", "--greg", "update_reg_interval=0"),
                            ("update_reg_interval",)),
     "sparsity-without-unstructured": Case(prune(*RANDOM, "--method", "greg1", "--sparsity", "0.8"),

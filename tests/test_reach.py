@@ -162,3 +162,71 @@ def test_torchvision_resnet_built_directly_gets_the_papers_scope():
     x = torch.randn(1, 3, 64, 64)
     direct = regprune.prune(torchvision.models.resnet50(num_classes=10), x, ratios="0.5")
     assert direct.model.conv1.out_channels == 64 and "conv1" not in direct.picks
+
+
+class _Ghost(nn.Module):
+    """A ghost module (GhostNet): a 1x1 conv's output concatenated with a depthwise copy of itself."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        half = cout // 2
+        self.primary = nn.Sequential(nn.Conv2d(cin, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU())
+        self.cheap = nn.Sequential(nn.Conv2d(half, half, 3, padding=1, groups=half, bias=False), nn.BatchNorm2d(half),
+                                   nn.ReLU())
+
+    def forward(self, x):
+        a = self.primary(x)
+        return torch.cat([a, self.cheap(a)], 1)
+
+
+class _GhostNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.g1 = _Ghost(16, 48)
+        self.dw = nn.Sequential(nn.Conv2d(48, 48, 3, padding=1, groups=48, bias=False), nn.BatchNorm2d(48))
+        self.g2 = _Ghost(48, 32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(self.g2(self.dw(self.g1(self.stem(x)))).mean((2, 3)))
+
+
+def test_ghost_module_plan_matches_the_cut() -> None:
+    """Removing channel i of the depthwise conv after a ghost module removes the primary conv's channel i, hence
+    the cheap copy's i and the concat's i + half: the group's channels come in 2 blocks, and the planned MACs must
+    be the real ones (they were a third off: planned 2x, cut 3x)."""
+    torch.manual_seed(0)
+    model, x = _GhostNet().eval(), torch.randn(2, 3, 16, 16)
+    graph = analyze(model, x)
+    assert graph.groups["dw.0"].ch_groups == 2
+    result = regprune.prune(model, x, speedup=2.0)
+    real = count_macs(model, x) / count_macs(result.model, x)
+    assert real == pytest.approx(result.plan.speedup, rel=0.005) and abs(real - 2.0) <= 0.05  # kept MACs within 2%
+    assert result.verification["verified"] is True
+    assert result.model.dw[0].out_channels == 2 * result.model.g1.primary[0].out_channels
+
+
+def test_timm_ghostnet_reaches_the_planned_speedup() -> None:
+    model = create_model("timm.ghostnet_050", num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    result = regprune.prune(model, x, speedup=2.0)
+    real = count_macs(model, x) / count_macs(result.model, x)
+    assert real == pytest.approx(result.plan.speedup, rel=0.01) and abs(real - 2.0) <= 0.04
+
+
+class _Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.rnn, self.b = nn.Linear(8, 32), nn.GRU(32, 24, batch_first=True), nn.Linear(24, 10)
+
+    def forward(self, x):
+        y, _ = self.rnn(self.a(x))
+        return self.b(y)
+
+
+def test_gru_is_refused_not_traversed_forever() -> None:
+    """Read through a GRU, the tracer's offsets go round a cycle and the indices grow without end: the group is
+    refused as unsafe, and with nothing else in scope prune says so."""
+    with pytest.raises(UserError, match="nothing to prune"):
+        regprune.prune(_Recurrent(), torch.randn(4, 6, 8), speedup=1.5)

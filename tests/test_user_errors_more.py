@@ -208,3 +208,35 @@ def test_overwrite_keeps_the_old_run_when_data_or_base_is_wrong(argv, needles, t
     command, *rest = [a.format(t=tmp_path) for a in argv]
     one_line_error(*run_cli(command, *SHORT[command], *rest, "--no-progress", "--out", old, "--overwrite"), *needles)
     assert snapshot(old) == before
+
+
+def test_inspect_zero_targets_are_refused_not_ignored(capsys) -> None:
+    from regprune.cli import main
+
+    for flag in ("--speedup", "--target-macs"):
+        assert main(["inspect", "--model", "resnet20", flag, "0"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("regprune: error:") and "out of range" in err[0]
+
+
+def test_unknown_greg_setting_lists_the_known_ones(capsys) -> None:
+    from regprune.cli import main
+
+    rc = main(["prune", "--model", "resnet20", "--data", "digits", "--method", "greg1", "--speedup", "2",
+               "--greg", "update_reg_intervall=5", "--dry-run"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert "unknown GReg setting 'update_reg_intervall' (did you mean update_reg_interval?)" in err[0]
+    assert "known: " in err[0] and "reg_granularity_prune" in err[0]
+
+
+def test_out_of_memory_is_one_line(monkeypatch, capsys) -> None:
+    from regprune import cli
+
+    def boom(args):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 120000000000 bytes.")
+
+    monkeypatch.setitem(cli.COMMANDS, "inspect", boom)
+    assert cli.main(["inspect", "--model", "resnet20"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("regprune: error: out of memory")

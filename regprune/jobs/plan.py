@@ -87,7 +87,7 @@ def inspect_text(model_name: str, *, num_classes: int | None = None, in_channels
     graph = analyze(model, x, include_coupled=include_coupled)
     uncounted = graph.uncounted
     plan = pruned = None
-    if ratios or speedup or target_macs:
+    if ratios or speedup is not None or target_macs is not None:
         plan = make_plan(graph, ratios, speedup=speedup, target_macs=target_macs, skip=skip, round_to=round_to)
         # the plan is carried out on a copy with L1 picks and verified, as `prune` would
         clone = copy.deepcopy(model)

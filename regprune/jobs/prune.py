@@ -4,6 +4,7 @@ resumable phase by phase; with its plan, GReg schedule and the checks made befor
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import sys
 import typing
@@ -56,6 +57,11 @@ def greg_config(o: JobOptions, steps_per_epoch: int) -> GRegConfig:
     per-name overrides. Raises UserError on an unknown setting, a value not of the setting's type (naming the
     setting and the type) or out of its range, or `lr` / `momentum` settings that contradict the options."""
     hints = typing.get_type_hints(GRegConfig)
+    unknown = [k for k in o.prune.greg if k not in hints and k != "lr"]
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], list(hints), n=1)
+        raise UserError(f"unknown GReg setting {unknown[0]!r}" + (f" (did you mean {near[0]}?)" if near else "")
+                        + f"; known: {', '.join(sorted(hints))}")
     overrides = {k: check_type(f"--greg {k}", hints[k], v) if k in hints else v for k, v in o.prune.greg.items()}
     if "lr" in overrides and not ("lr_prune" in overrides and overrides["lr"] == overrides["lr_prune"]):
         raise UserError("--greg lr is not a GReg setting: use lr_prune (the regularization phase's learning rate)")

@@ -5,6 +5,7 @@ once per batch of group formations and bounded in length, and the trace itself (
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 from typing import Any, Iterator, Sequence
 
@@ -71,9 +72,19 @@ _ONCE: "weakref.WeakKeyDictionary[tp.DependencyGraph, _Traversal]" = weakref.Wea
 _tp_update_index_mapping = _tp_index_mapping.update_index_mapping
 
 
+@contextlib.contextmanager
+def tp_quiet() -> Iterator[None]:
+    """Torch-Pruning's own warnings silenced (unwrapped parameters it will cut along their last dimension, shape
+    inference depth): regprune verifies every cut, and a Swin model printed over a hundred such lines."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"torch_pruning(\.|$)")
+        yield
+
+
 def _update_index_mapping(graph) -> None:
     if graph not in _ONCE:
-        _tp_update_index_mapping(graph)
+        with tp_quiet():
+            _tp_update_index_mapping(graph)
 
 
 _tp_index_mapping.update_index_mapping = _update_index_mapping
@@ -167,7 +178,8 @@ def mapped_once(dg: tp.DependencyGraph, limit: int) -> Iterator[_Traversal]:
         return
     widths = _widths(dg)
     if _MAPPED_AT.get(dg) != widths:  # TP's mappings on the graph are for other widths (or never computed)
-        _tp_update_index_mapping(dg)
+        with tp_quiet():
+            _tp_update_index_mapping(dg)
         _MAPPED_AT[dg] = widths
     deps = [dep for node in dg.module2node.values() for dep in node.dependencies]
     trav, wrappers = _WRAPPERS.get(dg, (None, []))
@@ -210,7 +222,7 @@ def trace(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
     the cause when the tracer fails."""
 
     try:
-        with modes_kept(model):  # the tracer switches to eval mode
+        with modes_kept(model), tp_quiet():  # the tracer switches to eval mode
             return tp.DependencyGraph().build_dependency(
                 model, example_inputs=cloned_inputs(example_inputs), customized_pruners=CUSTOM_PRUNERS)
     except Exception as exc:  # tracing failures are the model's, not a bug of ours: say which

@@ -230,3 +230,24 @@ def test_gru_is_refused_not_traversed_forever() -> None:
     refused as unsafe, and with nothing else in scope prune says so."""
     with pytest.raises(UserError, match="nothing to prune"):
         regprune.prune(_Recurrent(), torch.randn(4, 6, 8), speedup=1.5)
+
+
+def test_torch_pruning_warnings_are_not_passed_on() -> None:
+    """A parameter used directly in forward (a layer scale) makes Torch-Pruning warn about unwrapped parameters on
+    every trace; regprune verifies the cut itself, so none of these reach the user."""
+    import warnings
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+            self.scale = nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)) * self.scale)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = regprune.prune(Scaled(), torch.randn(1, 3, 8, 8), ratios="0.5", include_coupled=True)
+    assert result.verification["verified"] is True and result.model.scale.shape[0] == 4
+    assert not [w for w in caught if "torch_pruning" in w.filename], [str(w.message)[:80] for w in caught]

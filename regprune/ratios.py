@@ -299,15 +299,32 @@ class Plan:
     dense_macs: int
     pruned_macs: int
     uncounted: list = field(default_factory=list)  # (name, kind) of layers whose MACs the counter cannot see
+    unrounded: list = field(default_factory=list)  # (root, kept width) of groups round_to could not round
+    round_to: int | None = None
 
     @property
     def note(self) -> str:
-        """A warning when the MACs (and so the speedup) leave out layers of kinds the counter does not know."""
-        if not self.uncounted:
+        """A warning when the MACs (and so the speedup) leave out layers of kinds the counter does not know, and
+        when `round_to` could not round some kept widths (a group no wider than the multiple, or one whose channel
+        blocks set the step)."""
+        notes = []
+        if self.uncounted:
+            names = ", ".join(f"{n or '(model)'} ({k})" for n, k in self.uncounted[:4])
+            notes.append(f"MACs leave out {len(self.uncounted)} layer(s) of kinds the counter does not know "
+                         f"({names}); the speedup counts the conv, linear and matrix-product MACs it sees")
+        if self.round_note:
+            notes.append(self.round_note)
+        return "; ".join(notes)
+
+    @property
+    def round_note(self) -> str:
+        """Which groups keep a width `round_to` could not round ('' when none)."""
+        if not self.unrounded:
             return ""
-        names = ", ".join(f"{n or '(model)'} ({k})" for n, k in self.uncounted[:4])
-        return (f"MACs leave out {len(self.uncounted)} layer(s) of kinds the counter does not know ({names}); "
-                "the speedup counts the conv, linear and matrix-product MACs it sees")
+        names = ", ".join(f"{r} keeps {w}" for r, w in self.unrounded[:4])
+        return (f"round_to={self.round_to}: {len(self.unrounded)} group(s) keep a width that is not a multiple "
+                f"({names}{', ...' if len(self.unrounded) > 4 else ''}): no wider than the multiple, or through a "
+                "grouped conv whose blocks set the step")
 
     @property
     def speedup(self) -> float:
@@ -367,5 +384,8 @@ def make_plan(graph: GroupGraph, spec: str | None = None, *, speedup: float | No
         else:
             why = "every selected group keeps all its channels at these ratios (too few channels or blocks)"
         raise UserError(f"nothing to prune: {why}")
+    unrounded = [(r, graph.groups[r].channels - k) for r, k in removal.items()
+                 if round_to and round_to > 1 and (graph.groups[r].channels - k) % round_to]
     return Plan(ratios={k: ratios[k] for k in removal}, removal=removal, dense_macs=graph.total_macs,
-                pruned_macs=estimate_macs(graph, removal), uncounted=list(getattr(graph, "uncounted", [])))
+                pruned_macs=estimate_macs(graph, removal), uncounted=list(getattr(graph, "uncounted", [])),
+                unrounded=unrounded, round_to=round_to)

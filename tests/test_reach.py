@@ -251,3 +251,22 @@ def test_torch_pruning_warnings_are_not_passed_on() -> None:
         result = regprune.prune(Scaled(), torch.randn(1, 3, 8, 8), ratios="0.5", include_coupled=True)
     assert result.verification["verified"] is True and result.model.scale.shape[0] == 4
     assert not [w for w in caught if "torch_pruning" in w.filename], [str(w.message)[:80] for w in caught]
+
+
+def test_round_to_that_cannot_round_says_which_groups() -> None:
+    import json
+    import warnings
+
+    from regprune.jobs.plan import inspect_text
+
+    model, x = create_model("resnet20"), torch.randn(1, 3, 32, 32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = regprune.prune(model, x, speedup=2.0, round_to=1000)
+    notes = [str(w.message) for w in caught if "round_to=1000" in str(w.message)]
+    assert notes and "layer1.0.conv1 keeps 8" in notes[0], [str(w.message) for w in caught]
+    assert result.plan.unrounded and all(w % 1000 for _, w in result.plan.unrounded)
+    assert not regprune.prune(model, x, speedup=2.0, round_to=4).plan.unrounded  # widths 16/32/64 round to 4
+    text = inspect_text("resnet20", speedup=2.0, round_to=1000)
+    assert "note: round_to=1000: 9 group(s) keep a width that is not a multiple" in text
+    assert "round_to=1000" in json.loads(inspect_text("resnet20", speedup=2.0, round_to=1000, as_json=True))["note"]

@@ -104,7 +104,7 @@ def inspect_text(model_name: str, *, num_classes: int | None = None, in_channels
                        speedup=round(graph.total_macs / max(count_macs(pruned, x), 1), 4),
                        pruned_params=count_params(pruned), ratios=plan.ratios, removed=plan.removal,
                        widths={r: graph.groups[r].channels - k for r, k in plan.removal.items()},
-                       verification=pruned.regprune_verification)
+                       verification=pruned.regprune_verification, note=plan.note)
         return json.dumps(out)
     rows = []
     for g in graph.groups.values():
@@ -128,4 +128,6 @@ def inspect_text(model_name: str, *, num_classes: int | None = None, in_channels
         lines.append(f"plan: {real / 1e6:.2f} MMACs, speedup {graph.total_macs / max(real, 1):.2f}x "
                      f"({len(plan.removal)} groups pruned); carried out on a copy and verified "
                      f"(max relative difference {ver['max_rel_diff']:.1e}, {' and '.join(ver['modes'])} mode)")
+        if plan.round_note:
+            lines.append(f"note: {plan.round_note}")
     return "\n".join(lines)

@@ -281,7 +281,7 @@ def markdown(data: dict[str, Any]) -> str:
                  (r.get("reason") or r.get("header") or "").replace("|", "\\|")) for r in data["results"]]
         worst = max(timed, key=lambda r: r["wall_s"], default=None)
         return "\n".join([
-            "# The torchvision zoo: wall time of `regprune inspect --model NAME`", "",
+            "# The zoo: wall time of `regprune inspect --model NAME`", "",
             f"{run} Each command in its own process, one at a time, with its defaults (1000 classes, 224 px; "
             f"299 for Inception-v3); models over {st['max_params_m']:g} M parameters skipped. Seconds: the whole "
             "command, interpreter start and model construction included.", "",
@@ -304,7 +304,7 @@ def markdown(data: dict[str, Any]) -> str:
                      f"{r['wall_s']:.0f}" if r.get("wall_s") is not None else "", reason))
     retried = [r["model"] for r in data["results"] if r.get("first_try")]
     return "\n".join([
-        "# The torchvision zoo: `regprune.prune(model, x, speedup=2.0)` on every classifier", "",
+        "# The zoo: `regprune.prune(model, x, speedup=2.0)` on every classifier", "",
         f"{run} `num_classes={st['num_classes']}`, random weights; over {st['max_params_m']:g} M parameters only "
         f"analysed; a miss is more than {TOLERANCE:.0%} from {SPEEDUP:g}x; a model refused or missing at its "
         f"smallest input is tried again at {st.get('retry_size') or '-'} px (see benchmarks/README.md).", "",
@@ -317,7 +317,7 @@ def markdown(data: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["torchvision.*"],
-                    help="globs over regprune's registry (default torchvision.*)")
+                    help="globs over regprune's registry (default torchvision.*; timm.NAME for timm's models)")
     ap.add_argument("--timeout", type=float, default=150, help="seconds per model (default %(default)s)")
     ap.add_argument("--jobs", type=int, default=2, help="models at a time, each in its own process (default 2)")
     ap.add_argument("--out", default=str(H.HERE / "results"), help="folder for <name>.json and <name>.md")
@@ -344,9 +344,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args._case:
         kw = json.loads(args._case[0])
         return H.write_json(Path(args._case[1]), time_inspect_cli(**kw) if kw.get("cli") else run_one(**kw))
-    names = sorted({n for g in args.models for n in regprune.list_models(g) if n.startswith("torchvision.")})
+    names = sorted({n for g in args.models for n in regprune.list_models(g)})
     if not names:
-        raise UserError(f"no torchvision model matches {' '.join(args.models)!r}")
+        raise UserError(f"no model of the registry matches {' '.join(args.models)!r}")
     log(f"{len(names)} models, {args.jobs} at a time, {args.timeout:g} s each")
     hw, lib = H.hardware_info("cpu"), library_version()  # workers import the library as it is on disk when they start
     t0 = time.perf_counter()

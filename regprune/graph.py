@@ -258,7 +258,9 @@ class GroupGraph:
             elif family == "resnet" and not root.startswith("layer") and not include_coupled:
                 g.reason = "stem: outside the papers' ResNet scope"
             elif family is None and readers & self.outputs and not include_coupled:
-                g.reason = "classifier input: outside the default scope of unknown models"
+                out_readers = ", ".join(sorted(readers & self.outputs)[:2])
+                g.reason = (f"classifier input: read by {out_readers}, whose output is a model output; outside the "
+                            "default scope of unknown models")
             else:
                 g.in_scope = True
             self.groups[root] = g

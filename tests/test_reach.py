@@ -270,3 +270,36 @@ def test_round_to_that_cannot_round_says_which_groups() -> None:
     text = inspect_text("resnet20", speedup=2.0, round_to=1000)
     assert "note: round_to=1000: 9 group(s) keep a width that is not a multiple" in text
     assert "round_to=1000" in json.loads(inspect_text("resnet20", speedup=2.0, round_to=1000, as_json=True))["note"]
+
+
+class _EvalCache(nn.Module):
+    """Fills a cache in eval mode from a parameter, as timm's LeViT and EfficientFormer do for attention biases:
+    a forward with gradients (the tracer's) leaves a tensor with an autograd graph in a plain attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+        self.temperature = nn.Parameter(torch.ones(1))
+        self.cache: dict = {}
+
+    def forward(self, x):
+        if self.training:
+            t = self.temperature * 2
+        else:
+            t = self.cache.setdefault("t", self.temperature * 2)
+        return self.b(torch.relu(self.a(x)) * t)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:
+            self.cache = {}
+        return self
+
+
+def test_eval_mode_caches_do_not_block_pruning() -> None:
+    import copy
+
+    model = _EvalCache().eval()
+    result = regprune.prune(model, torch.randn(1, 3, 8, 8), ratios="0.5", include_coupled=True)
+    assert result.verification["verified"] is True and result.model.a.out_channels == 4
+    copy.deepcopy(model), copy.deepcopy(result.model)  # nothing left holding an autograd graph

@@ -19,8 +19,8 @@ from .errors import UserError
 from .forward import cloned_inputs, modes_kept
 from .models.cifar import PadShortcut
 
-__all__ = ["PadShortcutPruner", "CUSTOM_PRUNERS", "IndexMappingDiverges", "detach_caches", "mapped_once", "trace",
-           "trace_failure", "widest"]
+__all__ = ["PadShortcutPruner", "CUSTOM_PRUNERS", "IndexMappingDiverges", "mapped_once", "trace", "trace_failure",
+           "widest"]
 
 
 class PadShortcutPruner(tp.pruner.function.BasePruningFunc):
@@ -227,23 +227,4 @@ def trace(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
                 model, example_inputs=cloned_inputs(example_inputs), customized_pruners=CUSTOM_PRUNERS)
     except Exception as exc:  # tracing failures are the model's, not a bug of ours: say which
         raise UserError(f"cannot trace the model's channel dependencies: {trace_failure(exc)}") from exc
-    finally:
-        detach_caches(model)
 
-
-def detach_caches(model: nn.Module) -> None:
-    """Detach tensors a forward pass with gradients left in modules' plain attributes (directly or in a dict), such
-    as the attention-bias caches of timm's LeViT and EfficientFormer, which eval-mode forwards fill. The tracer runs
-    with gradients, and a cached tensor that keeps its autograd graph makes the model impossible to deepcopy.
-    Values are unchanged."""
-    def plain(v):
-        return v.detach() if isinstance(v, torch.Tensor) and v.grad_fn is not None else v
-
-    for m in model.modules():
-        for k, v in list(vars(m).items()):
-            if k.startswith("_"):
-                continue
-            if isinstance(v, torch.Tensor) and v.grad_fn is not None:
-                setattr(m, k, v.detach())
-            elif isinstance(v, dict) and any(isinstance(x, torch.Tensor) and x.grad_fn is not None for x in v.values()):
-                setattr(m, k, {key: plain(x) for key, x in v.items()})

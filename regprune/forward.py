@@ -76,15 +76,36 @@ def float64_copy(x: Any) -> Any:
     return tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, x)
 
 
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__)  # parameters, buffers, submodules, hooks, training
+
+
 @contextlib.contextmanager
 def modes_kept(model: nn.Module) -> Iterator[None]:
-    """Put every module's own train/eval flag back afterwards (a frozen-BN backbone stays in eval mode)."""
+    """Put every module's own train/eval flag back afterwards (a frozen-BN backbone stays in eval mode), and its
+    plain attributes: a forward pass regprune runs (tracing, probing, verifying) leaves no trace in the model. Caches
+    a forward fills (timm's eval-mode attention biases, a width-keyed scale built in float64 during verification,
+    a tensor still holding its autograd graph) would otherwise stay: the model could not be deep-copied, or would
+    fail on its next float32 forward. Dicts, lists and sets get their items back in place."""
     flags = [(m, m.training) for m in model.modules()]
+    saved = []
+    for m in model.modules():
+        d = m.__dict__
+        saved.append((d, {k: (v, v.copy() if isinstance(v, (dict, list, set)) else None)
+                          for k, v in d.items() if k not in _MODULE_INTERNALS}))
     try:
         yield
     finally:
         for m, f in flags:
             m.training = f
+        for d, snap in saved:
+            for k in [k for k in d if k not in _MODULE_INTERNALS and k not in snap]:
+                del d[k]
+            for k, (v, items) in snap.items():
+                d[k] = v
+                if isinstance(v, dict):
+                    v.clear(), v.update(items)
+                elif isinstance(v, (list, set)):
+                    v.clear(), (v.extend(items) if isinstance(v, list) else v.update(items))
 
 
 @contextlib.contextmanager

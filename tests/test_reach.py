@@ -303,3 +303,34 @@ def test_eval_mode_caches_do_not_block_pruning() -> None:
     result = regprune.prune(model, torch.randn(1, 3, 8, 8), ratios="0.5", include_coupled=True)
     assert result.verification["verified"] is True and result.model.a.out_channels == 4
     copy.deepcopy(model), copy.deepcopy(result.model)  # nothing left holding an autograd graph
+
+
+class _WidthKeyedScale(nn.Module):
+    """Rebuilds a private cache whenever the width it sees changes, in the dtype of the activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.conv2, self._scale = nn.Conv2d(16, 32, 3, padding=1), nn.Conv2d(32, 16, 1), None
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        if self._scale is None or self._scale.shape[0] != y.shape[1]:
+            self._scale = torch.ones(y.shape[1], dtype=y.dtype) * self.conv.bias.sum() * 0 + 1  # keeps a graph
+        return self.conv2(y * self._scale[None, :, None, None])
+
+
+def test_our_forward_passes_leave_no_trace_in_module_attributes() -> None:
+    """Tracing runs with gradients and verification in float64: a private cache filled there used to block every
+    cut (a tensor holding its autograd graph cannot be deep-copied) or leave a float64 tensor that broke the
+    verified model's next float32 forward."""
+    import copy
+
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), _WidthKeyedScale(), nn.ReLU(),
+                        nn.Conv2d(16, 32, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    result = regprune.prune(net, x, ratios="0.5", include_coupled=True)
+    assert result.verification["verified"] is True and result.plan.removal.get("2.conv") == 16
+    assert net[2]._scale is None and result.model[2]._scale is None  # as they were before
+    copy.deepcopy(net), copy.deepcopy(result.model)
+    with torch.no_grad():
+        assert result.model(x).shape == (2, 10)  # float32 again after the float64 check

@@ -324,7 +324,7 @@ class Plan:
         names = ", ".join(f"{r} keeps {w}" for r, w in self.unrounded[:4])
         return (f"round_to={self.round_to}: {len(self.unrounded)} group(s) keep a width that is not a multiple "
                 f"({names}{', ...' if len(self.unrounded) > 4 else ''}): no wider than the multiple, or through a "
-                "grouped conv whose blocks set the step")
+                "grouped conv (rounding is not combined with its channel blocks yet)")
 
     @property
     def speedup(self) -> float:

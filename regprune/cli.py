@@ -7,7 +7,7 @@ import sys
 import typing
 from typing import Any, Sequence
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 __all__ = ["main", "build_parser"]
 
@@ -242,12 +242,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     except (MemoryError, RuntimeError) as exc:  # out of memory (CPU allocator or CUDA): one line, not a traceback
-        text = str(exc)
-        if not isinstance(exc, MemoryError) and "allocate" not in text and "out of memory" not in text:
+        if not isinstance(exc, MemoryError) and "allocate" not in str(exc) and "out of memory" not in str(exc):
             raise
-        first = (text.strip().splitlines() or ["MemoryError"])[0][:200]
-        print(f"regprune: error: out of memory (a smaller --input-size, --batch-size or model may fit): {first}",
-              file=sys.stderr)
+        print("regprune: error: out of memory (a smaller --input-size, --batch-size or model may fit): "
+              f"{first_line(exc)}", file=sys.stderr)
         return 2
 
 

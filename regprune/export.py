@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .counting import output_tensors
-from .errors import UserError
+from .errors import UserError, first_line
 from .io import atomic_path
 from .models import model_info
 from .surgery import load_model
@@ -133,7 +133,7 @@ def export_module(model: nn.Module, example: torch.Tensor, path: str | os.PathLi
             out = model(example)
     except RuntimeError as exc:
         raise UserError(f"the model does not run on inputs of shape {tuple(example.shape)}: "
-                        f"{_first_line(exc)}") from None
+                        f"{first_line(exc)}") from None
     n_out = len(_outputs(out))
     names = ["logits"] + [f"output_{i}" for i in range(1, n_out)]
     axes = {n: {0: "batch"} for n in ["input", *names]}
@@ -149,13 +149,8 @@ def export_module(model: nn.Module, example: torch.Tensor, path: str | os.PathLi
     except UserError:
         raise
     except Exception as exc:
-        raise UserError(f"ONNX export failed: {type(exc).__name__}: {_first_line(exc)}") from None
+        raise UserError(f"ONNX export failed: {type(exc).__name__}: {first_line(exc)}") from None
     return path
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (at most 200 characters)."""
-    return (str(exc).strip().splitlines() or [""])[0][:200]
 
 
 @torch.no_grad()
@@ -175,7 +170,7 @@ def check_onnx(onnx_path: str | os.PathLike, model: nn.Module, sample_shape: Seq
     try:
         sess = ort.InferenceSession(os.fspath(onnx_path), providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise UserError(f"ONNX Runtime cannot load the exported file: {str(exc).strip().splitlines()[0][:200]}") from None
+        raise UserError(f"ONNX Runtime cannot load the exported file: {first_line(exc)}") from None
     input_name = sess.get_inputs()[0].name
     gen = torch.Generator().manual_seed(seed)
     max_abs, scale, by_batch = 0.0, 0.0, {}
@@ -186,7 +181,7 @@ def check_onnx(onnx_path: str | os.PathLike, model: nn.Module, sample_shape: Seq
             got = sess.run(None, {input_name: x.numpy()})
         except Exception as exc:
             raise UserError(f"ONNX Runtime failed to run the exported file at batch {b}: "
-                            f"{str(exc).strip().splitlines()[0][:200]}") from None
+                            f"{first_line(exc)}") from None
         if len(got) != len(ref):
             raise UserError(f"refused: the ONNX file gives {len(got)} outputs, the model {len(ref)}")
         worst = 0.0

@@ -17,7 +17,7 @@ from typing import IO, Any, Iterator
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 __all__ = ["atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_save", "safe_load",
            "check_checkpoint_safe"]
@@ -98,14 +98,9 @@ def safe_load(path: str | os.PathLike) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UserError(f"refusing to load {path}: it contains objects other than tensors and plain data "
-                        f"({_first_line(e)})") from None
+                        f"({first_line(e)})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UserError(f"cannot read checkpoint {path}: {_first_line(e)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+        raise UserError(f"cannot read checkpoint {path}: {first_line(e)}") from None
 
 
 _SAFE_LEAVES = (type(None), bool, int, float, str, torch.Tensor, torch.Size, torch.dtype)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-
 import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -115,18 +114,15 @@ class GroupGraph:
             seen.update(int(i) for i in idxs)
         return [Member(name, kind, side, len(seen) / n) for (name, side), (kind, seen) in touched.items()]
 
-    def _self_period(self, root_mod: nn.Module, channels: int) -> int | None:
-        """How many of its own channels removing one channel of `root_mod`'s group removes: r when channel i takes
+    def _self_period(self, root: str, channels: int) -> int | None:
+        """How many of its own channels removing one channel of `root`'s group removes: r when channel i takes
         i + channels/r, i + 2 channels/r, ... with it (a tensor concatenated with a depthwise copy of itself, as in
         ghost modules: the group then behaves like one through a grouped conv of r blocks); None when the channels
         it takes are not at such periodic positions. Checked for the first and the last channel of the first block."""
-        fn = tp.prune_linear_out_channels if isinstance(root_mod, nn.Linear) else tp.prune_conv_out_channels
+        root_mod = self.module(root)
 
         def taken(i: int) -> set[int]:
-            with mapped_once(self.dg, self._limit) as trav:
-                trav.seen.clear()
-                group = self.dg.get_pruning_group(root_mod, fn, [i])
-            return {int(j) for dep, idxs in group if dep.target.module is root_mod
+            return {int(j) for dep, idxs in self.tp_group(root, [i]) if dep.target.module is root_mod
                     and self.dg.is_out_channel_pruning_fn(dep.handler) for j in idxs}
 
         first = taken(0)
@@ -240,7 +236,7 @@ class GroupGraph:
                     g.ch_groups = max(g.ch_groups, mod.groups)
                     width = mod.out_channels if m.side == "out" else mod.in_channels
                     partial |= width != g.channels
-            period = self._self_period(root_mod, g.channels) if any(m.per_channel < 1 for m in members) else 1
+            period = self._self_period(root, g.channels) if any(m.per_channel < 1 for m in members) else 1
             if period:
                 g.ch_groups = math.lcm(g.ch_groups, period)
             readers = {m.name for m in members if m.side == "in"}

@@ -102,10 +102,11 @@ def modes_kept(model: nn.Module) -> Iterator[None]:
                 del d[k]
             for k, (v, items) in snap.items():
                 d[k] = v
-                if isinstance(v, dict):
-                    v.clear(), v.update(items)
-                elif isinstance(v, (list, set)):
-                    v.clear(), (v.extend(items) if isinstance(v, list) else v.update(items))
+                if isinstance(v, list):
+                    v[:] = items
+                elif isinstance(v, (dict, set)):
+                    v.clear()
+                    v.update(items)
 
 
 @contextlib.contextmanager

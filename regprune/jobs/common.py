@@ -15,7 +15,8 @@ import torch.nn as nn
 from .. import engine as E
 from ..counting import count_macs, count_params
 from ..data import DataBundle, load_data, make_loaders
-from ..errors import UserError
+from ..errors import UserError, first_line
+from ..forward import run_in_mode
 from ..models import create_model, model_info
 from ..surgery import load_model
 from .options import FinetuneOptions, JobOptions, TrainOptions
@@ -222,23 +223,19 @@ def _pretrained(o: JobOptions, bundle: DataBundle) -> nn.Module:
 
 
 def check_forward(name: str, model: nn.Module, bundle: DataBundle) -> None:
-    """Run `model` once on `example_input(bundle)` (eval mode, no gradients; its train/eval mode is restored).
+    """Run `model` once on `example_input(bundle)` (`forward.run_in_mode`: eval mode, no gradients; every module's
+    mode flag and attributes are put back).
 
     Raises:
         UserError: the forward fails (e.g. the dataset's images are too small for the architecture); the message
             names the model `name`, the dataset and its input size, and gives the first line of the error.
     """
     x = example_input(bundle)
-    training = model.training
     try:
-        with torch.no_grad():
-            model.eval()(x)
+        run_in_mode(model, x, train=False)
     except RuntimeError as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise UserError(f"model {name} does not run on the {'x'.join(map(str, x.shape[1:]))} images of {bundle.name}: "
-                        f"the input is too small for the architecture, or of the wrong shape ({first})") from None
-    finally:
-        model.train(training)
+                        f"the input is too small for the architecture, or of the wrong shape ({first_line(exc)})") from None
 
 
 class JobInputs(NamedTuple):
